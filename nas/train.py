@@ -1,0 +1,209 @@
+"""Brief training and bits-per-byte scoring: the quality half of a trial.
+
+Every trial of a study gets the same budget (tokens, optionally seconds), AdamW with linear
+warm-up and cosine decay, gradient clipping and a fixed seed, so that two architectures differ
+only by what they are. A loss that turns NaN or infinite ends the trial with a TrainingError that
+says when and at which learning rate.
+
+Quality is reported in bits per byte (BPB): the summed negative log-likelihood of the validation
+targets, in bits, over the UTF-8 bytes those targets stand for. Unlike loss per token it does not
+depend on how many bytes a vocabulary packs into a token, so vocabularies compare fairly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nas.arch import ArchSpec
+from nas.data import TokenizedCorpus, train_batches, val_windows
+from nas.errors import TrainingError
+from nas.model import Decoder, build_model
+from nas.settings import TrainConfig
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    step: int
+    tokens: int
+    loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    final_loss: float
+    """Mean training loss (nats/token) over the last logging interval."""
+    stopped_by: str
+    """"tokens" or "seconds": which budget ended training."""
+    curve: tuple[CurvePoint, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class BpbResult:
+    bpb: float
+    nll_bits: float
+    tokens: int
+    bytes: int
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per token in nats, for comparison with the training loss."""
+        return self.nll_bits * math.log(2) / self.tokens
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at the end.
+
+    ``progress`` (0..1), when given, replaces the step-based position in the decay; a time
+    budget uses it so that the schedule ends when the time does.
+    """
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    if progress is None:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Decay matrices only: decaying norm gains pulls them towards 0 for no benefit.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+ProgressFn = Callable[[CurvePoint, int], None]
+"""Called every cfg.log_every steps with the latest point and the total step count."""
+
+
+def train_brief(
+    spec: ArchSpec,
+    data: TokenizedCorpus,
+    cfg: TrainConfig,
+    *,
+    model: Decoder | None = None,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> tuple[Decoder, TrainResult]:
+    """Train a fresh model (or ``model``) of ``spec`` for the budget in ``cfg``."""
+    if data.vocab_size != spec.vocab_size:
+        raise TrainingError(f"corpus tokenized with vocab {data.vocab_size}, spec wants {spec.vocab_size}")
+    T = spec.context_length
+    if len(data.train_ids) <= T + 1:
+        raise TrainingError(f"training split has {len(data.train_ids)} tokens, fewer than one window of {T + 1}")
+    if model is None:
+        model = build_model(spec, seed=cfg.seed)
+    model.to(device).train()
+    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+    tokens_per_step = cfg.batch_size * T
+    total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
+    warmup_steps = max(1, round(total_steps * cfg.warmup_tokens_frac))
+    opt = make_optimizer(model, cfg)
+    batches = train_batches(data.train_ids, cfg.batch_size, T, seed=cfg.seed)
+
+    curve: list[CurvePoint] = []
+    window: list[float] = []
+    start = time.perf_counter()
+    stopped_by = "tokens"
+    step = 0
+    for step in range(total_steps):
+        elapsed = time.perf_counter() - start
+        time_progress = None
+        if cfg.seconds is not None:
+            if elapsed >= cfg.seconds:
+                stopped_by = "seconds"
+                break
+            step_progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            time_progress = max(step_progress, elapsed / cfg.seconds)
+        lr = lr_at(step, total_steps, warmup_steps, cfg, time_progress)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        x_np, y_np = next(batches)
+        x = torch.from_numpy(x_np).to(device, non_blocking=True)
+        y = torch.from_numpy(y_np).to(device, non_blocking=True)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, spec.vocab_size), y.view(-1))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"training diverged: loss is {loss_value} at step {step + 1} of {total_steps} (lr {lr:.3g})"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+        window.append(loss_value)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            point = CurvePoint(step + 1, (step + 1) * tokens_per_step, float(np.mean(window)), lr,
+                               time.perf_counter() - start)
+            curve.append(point)
+            window.clear()
+            if progress is not None:
+                progress(point, total_steps)
+    else:
+        step = total_steps  # the loop ran to the end
+
+    steps_done = step
+    if window:  # a time budget stopped us between logging points
+        curve.append(CurvePoint(steps_done, steps_done * tokens_per_step, float(np.mean(window)), lr,
+                                time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    tokens = steps_done * tokens_per_step
+    return model, TrainResult(
+        steps=steps_done, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
+        final_loss=curve[-1].loss if curve else float("nan"), stopped_by=stopped_by, curve=tuple(curve),
+    )
+
+
+def _stacked(windows: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Group [1, T] windows into [n <= size, T] batches (a shorter last window goes alone)."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for x, y in windows:
+        if xs and (x.shape != xs[0].shape or len(xs) == size):
+            yield np.concatenate(xs), np.concatenate(ys)
+            xs, ys = [], []
+        xs.append(x)
+        ys.append(y)
+    if xs:
+        yield np.concatenate(xs), np.concatenate(ys)
+
+
+@torch.no_grad()
+def evaluate_bpb(model: Decoder, data: TokenizedCorpus, max_tokens: int | None = None,
+                 device: str = "cpu", batch_size: int = 16) -> BpbResult:
+    """Bits per byte of ``model`` on the first ``max_tokens`` validation targets."""
+    model.eval()
+    token_bytes = torch.from_numpy(np.asarray(data.token_bytes, dtype=np.int64))
+    nll_nats = 0.0
+    n_tokens = n_bytes = 0
+    for x_np, y_np in _stacked(val_windows(data.val_ids, model.spec.context_length, max_tokens), batch_size):
+        x = torch.from_numpy(x_np).to(device)
+        y = torch.from_numpy(y_np)
+        logits = model(x).float().cpu()
+        nll_nats += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="sum").item()
+        n_tokens += y.numel()
+        n_bytes += int(token_bytes[y].sum())
+    model.train()
+    if n_bytes == 0:
+        raise TrainingError("validation split is empty: nothing to score")
+    bits = nll_nats / math.log(2)
+    return BpbResult(bpb=bits / n_bytes, nll_bits=bits, tokens=n_tokens, bytes=n_bytes)

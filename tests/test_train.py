@@ -1,0 +1,119 @@
+"""Brief training and BPB scoring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nas.data import TokenizedCorpus, load_corpus, tokenize_corpus
+from nas.errors import TrainingError
+from nas.model import build_model
+from nas.settings import TrainConfig
+from nas.train import evaluate_bpb, lr_at, train_brief
+from tests.test_arch import make
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def stdlib_512(tmp_path_factory: pytest.TempPathFactory) -> TokenizedCorpus:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAS_CACHE_DIR", str(tmp_path_factory.mktemp("train-cache")))
+        return tokenize_corpus(load_corpus(max_bytes=400_000), VOCAB)
+
+
+def tiny_spec(**kw):
+    return make("gqa", vocab_size=VOCAB, d_model=64, head_dim=16, context_length=64, **kw)
+
+
+CFG = TrainConfig(tokens=16_384, batch_size=8, lr=3e-3, eval_tokens=4096, log_every=4)
+
+
+def test_bpb_of_a_uniform_model_is_log2_vocab_over_bytes_per_token():
+    # Hand computation: zero output weights give uniform logits, so every target costs exactly
+    # log2(V) bits, and BPB = n_targets * log2(V) / (bytes those targets stand for).
+    spec = make("mha", vocab_size=300, context_length=8)
+    model = build_model(spec)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    token_bytes = np.arange(300) % 5 + 1  # token t stands for 1..5 bytes
+    val = np.array([3, 7, 1, 4, 4, 9, 2, 6, 5, 0, 8, 3, 11, 12], dtype=np.uint16)
+    tc = TokenizedCorpus(fingerprint="hand", vocab_size=300, train_ids=val, val_ids=val,
+                         token_bytes=token_bytes, val_bytes=int(token_bytes[val].sum()))
+    result = evaluate_bpb(model, tc)
+    targets = val[1:]  # every token but the first is predicted once
+    expected = len(targets) * math.log2(300) / token_bytes[targets].sum()
+    assert result.tokens == len(targets)
+    assert result.bytes == token_bytes[targets].sum()
+    assert result.bpb == pytest.approx(expected, rel=1e-6)
+    # capped at max_tokens: only the first 5 targets
+    capped = evaluate_bpb(model, tc, max_tokens=5)
+    assert capped.bpb == pytest.approx(5 * math.log2(300) / token_bytes[val[1:6]].sum(), rel=1e-6)
+
+
+def test_brief_training_lowers_the_loss_and_beats_uniform_bytes(stdlib_512):
+    spec = tiny_spec()
+    before = evaluate_bpb(build_model(spec, seed=0), stdlib_512, CFG.eval_tokens)
+    model, result = train_brief(spec, stdlib_512, CFG)
+    after = evaluate_bpb(model, stdlib_512, CFG.eval_tokens)
+    assert result.steps == math.ceil(CFG.tokens / (CFG.batch_size * 64))
+    assert result.tokens == result.steps * CFG.batch_size * 64
+    assert result.curve[-1].loss < result.curve[0].loss - 0.5
+    assert after.bpb < before.bpb - 0.5
+    assert after.bpb < 8.0
+    assert after.loss == pytest.approx(after.nll_bits * math.log(2) / after.tokens)
+
+
+def test_training_is_reproducible_for_a_seed(stdlib_512):
+    cfg = CFG.model_copy(update={"tokens": 4096})
+    _, a = train_brief(tiny_spec(), stdlib_512, cfg)
+    _, b = train_brief(tiny_spec(), stdlib_512, cfg)
+    _, c = train_brief(tiny_spec(), stdlib_512, cfg.model_copy(update={"seed": 1}))
+    assert [p.loss for p in a.curve] == pytest.approx([p.loss for p in b.curve], abs=1e-6)
+    assert [p.loss for p in a.curve] != pytest.approx([p.loss for p in c.curve], abs=1e-6)
+
+
+def test_nan_loss_ends_training_with_a_clear_reason(stdlib_512):
+    spec = tiny_spec()
+    model = build_model(spec)
+    with torch.no_grad():
+        model.blocks[0].attn.wq.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"diverged: loss is nan at step 1 of \d+"):
+        train_brief(spec, stdlib_512, CFG, model=model)
+
+
+def test_a_huge_learning_rate_diverges_or_is_caught(stdlib_512):
+    # lr 1e4 blows the weights up; whatever the loss does, training must either finish with a
+    # finite loss or stop with TrainingError -- never return nan figures.
+    cfg = CFG.model_copy(update={"lr": 1e4, "grad_clip": 1e9})
+    try:
+        _, result = train_brief(tiny_spec(), stdlib_512, cfg)
+    except TrainingError as e:
+        assert "diverged" in str(e)
+    else:
+        assert all(math.isfinite(p.loss) for p in result.curve)
+
+
+def test_seconds_budget_stops_training_early(stdlib_512):
+    cfg = CFG.model_copy(update={"tokens": 10_000_000, "seconds": 1.0})
+    _, result = train_brief(tiny_spec(), stdlib_512, cfg)
+    assert result.stopped_by == "seconds"
+    assert 0 < result.steps < 10_000_000 // (8 * 64)
+    assert result.curve[-1].step == result.steps
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, 10, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert lr_at(50, 100, 10, cfg, progress=1.0) == pytest.approx(1e-4)
+
+
+def test_a_corpus_of_another_vocabulary_is_refused(stdlib_512):
+    with pytest.raises(TrainingError, match="vocab"):
+        train_brief(make("gqa", vocab_size=1024, context_length=64), stdlib_512, CFG)
