@@ -35,8 +35,8 @@ Norm = Literal["rmsnorm", "layernorm"]
 Sharing = Literal["none", "block_repeat"]
 BITWIDTHS = (32, 16, 8, 4)
 
-# int4 is weight-only with one fp32 scale per block of this many weights (ONNX Runtime's
-# MatMulNBits layout); the exporter uses the same block so the analytic bytes match the file.
+# int4 is weight-only with one fp32 scale and a 4-bit zero point per block of this many weights
+# (ONNX Runtime's MatMulNBits layout); the exporter uses the same block so the bytes match the file.
 INT4_BLOCK_SIZE = 32
 
 # Fields whose allowed values are a fixed set, for validation and for the search-space loader.
@@ -190,8 +190,9 @@ class ArchSpec:
     def weight_bytes(self) -> int:
         """Bytes of the unique weights at the spec's bitwidth.
 
-        Matrices (embeddings included) take the bitwidth; int4 adds one fp32 scale per block of
-        INT4_BLOCK_SIZE weights; norm vectors stay fp32. What a deployed ONNX file holds can
+        Matrices (embeddings included) take the bitwidth; int4 adds one fp32 scale and one 4-bit
+        zero point per block of INT4_BLOCK_SIZE weights (asymmetric, as ORT's MatMulNBits
+        stores them); norm vectors stay fp32. What a deployed ONNX file holds can
         differ (a tied table may be stored twice): the measured file size says so.
         """
         vectors = (2 * self.unique_layers + 1) * self._norm_params(self.d_model)
@@ -199,10 +200,17 @@ class ArchSpec:
             vectors += self.unique_layers * self._norm_params(self.mla_latent_rank)
         matrices = self.params() - vectors
         if self.bitwidth == 4:
-            matrix_bytes = matrices / 2 + 4 * math.ceil(matrices / INT4_BLOCK_SIZE)
+            matrix_bytes = matrices / 2 + 4.5 * math.ceil(matrices / INT4_BLOCK_SIZE)
         else:
             matrix_bytes = matrices * self.bitwidth / 8
         return math.ceil(matrix_bytes) + 4 * vectors
+
+    def decode_bytes(self, past_len: int) -> int:
+        """Bytes one decode step must read: every weight it multiplies by (all of them but the
+        input embedding, of which it gathers one row) plus the KV cache of past_len tokens."""
+        untied_input_table = 0 if self.tied_embeddings else self.vocab_size * self.d_model
+        table_bytes = math.ceil(untied_input_table * self.weight_bytes() / max(1, self.params()))
+        return self.weight_bytes() - table_bytes + past_len * self.kv_cache_bytes_per_token()
 
     @property
     def activation_bytes(self) -> int:

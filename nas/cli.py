@@ -268,6 +268,219 @@ def trial(
     console.print(table)
 
 
+DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Hardware profile: a name from `nas devices` or a "
+                                                                "YAML path.")]
+
+
+def _spec_from(space: str, arch_json: Path | None, seed: int) -> ArchSpec:
+    from nas.space import load_space
+
+    sp = load_space(space)
+    if arch_json is None:
+        return sp.sample(random.Random(seed))
+    spec = _read_arch_json(arch_json)
+    sp.check_rules(spec)
+    return spec
+
+
+def _measurement_rows(m, profile) -> list[tuple[str, str, str]]:
+    """(figure, value, budget) rows, each value with its label."""
+    b = profile.budgets
+    tag = f"[dim]{m.label}[/dim]"
+
+    def budget(limit: float | None, value: float, unit: str) -> str:
+        if limit is None:
+            return ""
+        return f"{'[green]ok' if value <= limit else '[red]over'}[/] ≤ {limit:g} {unit}"
+
+    d, p = m.decode, m.prefill
+    return [
+        ("decode / token", f"{d.median_ms:.3f} ms (p10 {d.p10_ms:.3f}, p90 {d.p90_ms:.3f}, cv {d.cv:.1%}) {tag}",
+         budget(b.decode_ms_per_token, d.median_ms, "ms")),
+        ("prefill", f"{p.median_ms:.2f} ms (p10 {p.p10_ms:.2f}, p90 {p.p90_ms:.2f}, cv {p.cv:.1%}) {tag}",
+         budget(b.prefill_ms, p.median_ms, "ms")),
+        ("peak memory", f"{m.peak_memory_mb:.1f} MiB {tag}", budget(b.peak_memory_mb, m.peak_memory_mb, "MiB")),
+        ("model size", f"{m.model_mb:.2f} MiB", budget(b.model_mb, m.model_mb, "MiB")),
+    ]
+
+
+@app.command()
+def measure(
+    device: DeviceOpt,
+    space: SpaceOpt,
+    arch_json: Annotated[Path | None, typer.Option(help="Measure this spec (JSON) instead of a random one "
+                                                   "from the space.")] = None,
+    seed: SeedOpt = 0,
+    require_measured: Annotated[bool, typer.Option(help="Refuse to estimate: fail unless the device itself "
+                                                   "measures.")] = False,
+    keep: Annotated[Path | None, typer.Option(help="Keep the exported ONNX files in this folder.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one architecture to ONNX, quantize it to its bitwidth and measure it on a device profile.
+
+    Prints prefill and per-token decode latency (median and spread over repeats), peak memory of
+    the inference process and model size, each labelled with where it came from
+    (measured:local, measured:<node>, estimated:roofline), next to the profile's budgets.
+    """
+    import tempfile
+
+    from nas.export import export_spec
+    from nas.hardware import analytic_budget_check, load_profile
+    from nas.pipeline import budget_constraints, host_setup, measure_deployed
+
+    spec = _spec_from(space, arch_json, seed)
+    profile = load_profile(device)
+    log = err_console if as_json else console
+    log.print(f"[bold]{spec.arch_id}[/bold]  {spec.summary()}  ({_fmt_count(spec.params())} params) on "
+              f"[bold]{profile.name}[/bold]: {profile.device.name}")
+    for reason in analytic_budget_check(spec, profile):
+        log.print(f"[yellow]over budget before measuring:[/yellow] {reason}")
+    with log.status("calibrating this host (once; cached)…"):
+        host, cal = host_setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = keep or Path(tmp)
+        with log.status(f"exporting to ONNX and quantizing to {spec.bitwidth} bits…"):
+            exported = export_spec(spec, out_dir)
+        with log.status("measuring in an isolated ONNX Runtime process…"):
+            m = measure_deployed(spec, exported.path.parent, profile, host=host, cal=cal,
+                                 require_measured=require_measured,
+                                 notify=lambda msg: log.print(f"[yellow]note:[/yellow] {msg}"))
+    feasible = all(v <= 0 for v in budget_constraints(m, profile).values())
+    if as_json:
+        print(json.dumps({"spec": spec.to_dict(), "arch_id": spec.arch_id, "feasible": feasible,
+                          "constraints": budget_constraints(m, profile), "measurement": m.to_dict()}, indent=2))
+        return
+    w = m.workload
+    table = Table(title=f"{spec.arch_id} on {profile.name}",
+                  caption=f"prompt {w['prompt_tokens']} tokens, decode at {w['context_tokens']} cached tokens, "
+                          f"batch {w['batch']}, {w['warmup']} warm-up + up to {w['repeats']} repeats")
+    table.add_column("figure")
+    table.add_column("value")
+    table.add_column("budget")
+    for row in _measurement_rows(m, profile):
+        table.add_row(*row)
+    console.print(table)
+    prov = m.provenance.get("host", m.provenance)
+    console.print(f"taken on: {prov.get('cpu')} · {prov.get('threads')} threads · {prov.get('execution_provider')}"
+                  f" · onnxruntime {prov.get('onnxruntime')}"
+                  + (f" · scaled ×{m.provenance['decode_factor']:.3g} (decode), ×{m.provenance['prefill_factor']:.3g}"
+                     f" (prefill) by the roofline" if m.label.startswith("estimated") else ""))
+    console.print("[green]within every budget[/green]" if feasible else "[red]over budget: infeasible[/red]")
+
+
+devices_app = typer.Typer(help="Hardware profiles: list and validate them, calibrate this host.",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.callback()
+def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the hardware profiles in hw_profiles/ and validate each one (exit 2 if any is invalid)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from nas.hardware import list_profile_files, load_profile
+
+    rows, failed = [], 0
+    for name, path in list_profile_files().items():
+        try:
+            p = load_profile(path)
+        except NasError as e:
+            failed += 1
+            rows.append({"name": name, "path": str(path), "valid": False, "error": str(e)})
+            continue
+        b = p.budgets
+        rows.append({
+            "name": name, "path": str(path), "valid": True, "device": p.device.name,
+            "provider": p.runtime.execution_provider, "threads": p.runtime.threads,
+            "bandwidth_gbs": p.device.memory_bandwidth_gbs, "where": p.measurement.where,
+            "ray_resource": p.measurement.ray_resource, "calibration_points": len(p.calibration),
+            "budgets": {"peak_memory_mb": b.peak_memory_mb, "decode_ms_per_token": b.decode_ms_per_token,
+                        "prefill_ms": b.prefill_ms, "model_mb": b.model_mb},
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(title="Hardware profiles")
+        for col in ("name", "device", "runtime", "bandwidth", "figures come from", "budgets"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            if not r["valid"]:
+                table.add_row(r["name"], f"[red]invalid: {r['error']}[/red]", "", "", "", "")
+                continue
+            where = {"local": "measured:local", "ray": f"Ray node with '{r['ray_resource']}', else estimated",
+                     "estimate": "estimated:roofline"}[r["where"]]
+            if r["calibration_points"]:
+                where += f" ({r['calibration_points']} calibration points)"
+            budgets = ", ".join(f"{k} ≤ {v:g}" for k, v in r["budgets"].items() if v is not None)
+            bw = r["bandwidth_gbs"]
+            table.add_row(r["name"], r["device"], f"{r['provider'].removesuffix('ExecutionProvider')} ×{r['threads']}",
+                          f"{bw:g} GB/s" if isinstance(bw, (int, float)) else str(bw), where, budgets)
+        console.print(table)
+    if failed:
+        raise typer.Exit(2)
+
+
+@devices_app.command()
+def calibrate(
+    space: Annotated[str, typer.Option("--space", "-s", help="Space to draw the reference architectures from.")]
+    = "gqa_small",
+    n: Annotated[int, typer.Option("-n", help="Reference architectures to measure.", min=1)] = 3,
+    seed: SeedOpt = 0,
+    refresh: Annotated[bool, typer.Option(help="Measure the host again instead of using the cached figures.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure this host's memory bandwidth and matrix-multiply rates with ONNX Runtime, then the
+    efficiencies the roofline derives from them on a few reference architectures."""
+    import dataclasses
+    import tempfile
+
+    from nas.export import export_spec
+    from nas.measure import measure_local
+    from nas.space import load_space
+
+    log = err_console if as_json else console
+    with log.status("measuring this host's bandwidth and matmul rates…"):
+        host, cal = _host_setup(refresh)
+    sp = load_space(space)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        spec = dataclasses.replace(sp.sample(rng), bitwidth=32)  # fp32: the rates above are fp32's
+        with tempfile.TemporaryDirectory() as tmp, log.status(f"reference {i + 1}/{n}: {spec.summary()}"):
+            m = measure_local(export_spec(spec, Path(tmp)).path.parent, spec, host)
+        past, prompt = m.workload["context_tokens"], m.workload["prompt_tokens"]
+        decode_gbs = spec.decode_bytes(past) / (m.decode.median_ms / 1e3) / 1e9
+        prefill_gflops = spec.prefill_flops(prompt) / (m.prefill.median_ms / 1e3) / 1e9
+        rows.append({"arch_id": spec.arch_id, "summary": spec.summary(), "decode_ms": m.decode.median_ms,
+                     "decode_cv": m.decode.cv, "decode_gbs": decode_gbs,
+                     "decode_efficiency": decode_gbs / cal.memory_bandwidth_gbs, "prefill_ms": m.prefill.median_ms,
+                     "prefill_gflops": prefill_gflops, "prefill_efficiency": prefill_gflops / cal.peak_gflops["fp32"]})
+    if as_json:
+        print(json.dumps({"host": dataclasses.asdict(cal), "references": rows}, indent=2))
+        return
+    console.print(f"[bold]host[/bold]: {cal.provenance.get('cpu')}, {cal.provenance.get('threads')} threads, "
+                  f"onnxruntime {cal.provenance.get('onnxruntime')}")
+    console.print(f"  read bandwidth (fp32 matrix-vector, 256 MiB): [bold]{cal.memory_bandwidth_gbs:.1f} GB/s[/bold]")
+    console.print("  matrix-multiply rate: " + ", ".join(f"{k} [bold]{v:.0f}[/bold] GFLOP/s"
+                                                           for k, v in cal.peak_gflops.items()))
+    table = Table(title="Roofline efficiencies on reference architectures (fp32)",
+                  caption="decode: bytes a step reads / time, over the bandwidth; prefill: FLOPs / time, over the "
+                          "fp32 rate. Well below 1 means overhead-bound (many small ops), as NOTES.md found.")
+    for col in ("arch", "decode ms", "cv", "GB/s", "eff.", "prefill ms", "GFLOP/s", "eff."):
+        table.add_column(col, justify="left" if col == "arch" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(r["summary"], f"{r['decode_ms']:.3f}", f"{r['decode_cv']:.1%}", f"{r['decode_gbs']:.1f}",
+                      f"{r['decode_efficiency']:.2f}", f"{r['prefill_ms']:.2f}", f"{r['prefill_gflops']:.0f}",
+                      f"{r['prefill_efficiency']:.2f}")
+    console.print(table)
+
+
+def _host_setup(refresh: bool):
+    from nas.pipeline import host_setup
+
+    return host_setup(refresh=refresh)
+
+
 def main() -> None:
     # Standalone mode lets click report usage errors (exit 2) and --help; our own errors come
     # out of it as NasError and get one line, no traceback.

@@ -1,0 +1,560 @@
+"""Export a decoder to ONNX and quantize it with ONNX Runtime's own tools.
+
+One graph serves prefill and decode: inputs ``input_ids`` (B, T) and the cache of the P tokens
+before them, outputs ``logits`` (B, T, vocab) and the cache of all P+T tokens. B, T and P are
+dynamic (P = 0 is a prefill), so the measurer and the scorer run the very file a deployment
+would, with no second graph to keep in step. Names are explicit and stable::
+
+    inputs   input_ids, past.{i}.key / past.{i}.value      (mha/gqa/mqa, one pair per applied layer)
+                        past.{i}.latent / past.{i}.rope    (mla)
+    outputs  logits,    present.{i}.<same suffix>          (feed present.i.x back as past.i.x)
+
+Choices, and why:
+
+- torch's dynamo exporter at opset 20 (NOTES.md): the TorchScript exporter fails on SDPA with
+  ``enable_gqa``; opset 23 emits a native ``Attention`` op that broke ORT's quantization tools.
+- Every ``nn.Linear`` is exported as ``MatMul(x, W^T)`` with W^T stored pre-transposed. Left as
+  ``Linear``, the exporter writes ``Transpose(W) -> MatMul`` for the larger weights (its constant
+  folding has a size limit) and folds the smaller ones once per *use*: ORT's quantizers skip a
+  MatMul whose weight is not a constant, and a repeated block (layer sharing) would be stored
+  twice. Pre-transposed, each weight is one initializer, shared by every use of its block.
+- Tied embeddings: the lm_head is exported as its own pre-transposed constant, so that the
+  quantizers treat it as a weight (as ``Transpose(table)`` it stayed fp32 under int4 and was
+  dequantized on every step under int8: NOTES.md). The deployed file then holds the table twice;
+  ``ExportedModel.tied_storage == "duplicated"`` says so, and the file size counts both.
+- fp16 converts inputs and outputs too (``keep_io_types=False``): the KV cache is held in fp16,
+  as ``ArchSpec.activation_bytes`` and ``kv_cache_bytes_per_token`` assume, and a deployment that
+  picks fp16 to save memory would not keep an fp32 cache. ``cache_spec`` and ``logits_dtype``
+  carry the dtype, so callers need not know.
+- int8 is ``quantize_dynamic`` (int8 weights per tensor, activations quantized per call); int4 is
+  ``MatMulNBitsQuantizer`` (weight-only, block ``INT4_BLOCK_SIZE``, ``accuracy_level=4``), which
+  raises the file's opset to 21 for its int4 tensors. Both quantize every weight MatMul (the
+  lm_head included) and the embedding Gather; the result records what left fp32, read from the
+  file (``quantized_ops``, ``embedding_quantized``, ``lm_head_quantized``).
+- Weights go to an external ``model.onnx.data`` beside ``model.onnx``; ``files`` lists both and
+  ``total_bytes`` counts both. The exporter's per-node debug metadata is dropped first, since it
+  is no part of a deployment and was a third of a small model's bytes. ``model.json`` beside them
+  is the ExportedModel (``load_exported``), for a measurer in another process.
+
+DESIGN.md's trial flow speaks of prefill and decode graphs: here they are one file, run with an
+empty cache or with one token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from nas.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
+from nas.errors import NasError
+from nas.model import Decoder, build_model
+
+DEFAULT_OPSET = 20
+MIN_OPSET, MAX_OPSET = 18, 22
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "model.json"  # the ExportedModel beside the files, for a measurer in another process
+
+TiedStorage = Literal["untied", "duplicated"]
+
+
+class ExportError(NasError):
+    """A model that cannot be exported or quantized, or a request the exporter does not support."""
+
+
+@dataclass(frozen=True)
+class CacheInput:
+    """One past-cache input: its name, the output that carries its next value, and its shape
+    with the symbolic axes ``"batch"`` and ``"past"``."""
+
+    name: str
+    output: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    """numpy dtype name: "float32", or "float16" for an fp16 model."""
+
+    @property
+    def past_axis(self) -> int:
+        return self.shape.index("past")
+
+    def concrete_shape(self, batch: int, past: int) -> tuple[int, ...]:
+        sizes = {"batch": batch, "past": past}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+    def zeros(self, batch: int, past: int = 0) -> np.ndarray:
+        return np.zeros(self.concrete_shape(batch, past), dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ONNX file on disk and what a caller needs to run and report it without torch."""
+
+    path: Path
+    """The .onnx file."""
+    files: tuple[Path, ...]
+    """Every file the model needs (the .onnx and its external data): move them together."""
+    total_bytes: int
+    """Bytes of all ``files``: the model size a deployment stores."""
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    cache_spec: tuple[CacheInput, ...]
+    """The past inputs in input order, each with its present output."""
+    logits_dtype: str
+    vocab_size: int
+    bitwidth: int
+    """The file's weight precision (32, 16, 8, 4); ``spec.bitwidth`` is what was asked for."""
+    opset: int
+    spec: ArchSpec
+    tied_storage: TiedStorage
+    """"duplicated": the spec ties its embeddings but the file holds the table and the lm_head
+    separately (see the module docstring); "untied": the spec does not tie them."""
+    quantized_ops: tuple[str, ...] = ()
+    """Op types whose constant weights were quantized, e.g. ("MatMul", "Gather")."""
+    embedding_quantized: bool = False
+    """Whether the input embedding table (the Gather) is stored below fp32."""
+    lm_head_quantized: bool = False
+    dynamic_batch: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; file paths relative to the model's folder, so the folder can move."""
+        d = dataclasses.asdict(self)
+        root = self.path.parent
+        d["path"] = self.path.name
+        d["files"] = [str(f.relative_to(root)) for f in self.files]
+        d["spec"] = self.spec.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], root: Path) -> ExportedModel:
+        d = dict(data)
+        d["path"] = root / d["path"]
+        d["files"] = tuple(root / f for f in d["files"])
+        d["spec"] = ArchSpec.from_dict(d["spec"])
+        d["cache_spec"] = tuple(
+            CacheInput(c["name"], c["output"], tuple(c["shape"]), c["dtype"]) for c in d["cache_spec"]
+        )
+        for key in ("input_names", "output_names", "quantized_ops"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """The cache of a prefill: every past input with past length 0."""
+        return {c.name: c.zeros(batch, 0) for c in self.cache_spec}
+
+
+def load_exported(folder: Path) -> ExportedModel:
+    """The ExportedModel saved in ``folder`` by export_onnx or quantize."""
+    manifest = Path(folder) / MANIFEST_FILE
+    if not manifest.is_file():
+        raise ExportError(f"no exported model in {folder} (missing {MANIFEST_FILE})")
+    return ExportedModel.from_dict(json.loads(manifest.read_text()), Path(folder))
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+class _PreTransposed(nn.Module):
+    """``nn.Linear`` without bias, holding W^T so the graph has ``MatMul(x, const)``."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.weight_t)
+
+
+class _FlatCache(nn.Module):
+    """``Decoder.forward_cached`` with the cache flattened into positional tensors, which is
+    what an ONNX graph's inputs and outputs are."""
+
+    def __init__(self, model: Decoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, past: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, new_cache = self.model.forward_cached(input_ids, cache)
+        return (logits, *(t for pair in new_cache for t in pair))
+
+
+def _export_copy(model: Decoder) -> Decoder:
+    """A CPU fp32 eval copy of ``model`` whose linear layers are pre-transposed constants; a tied
+    lm_head gets its own copy of the table. The caller's model is left untouched."""
+    m = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    for module in list(m.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                if child.bias is not None:
+                    raise ExportError(f"linear layer {name!r} has a bias; the exporter expects none")
+                # Each unique module is replaced once, so a shared block keeps one set of weights.
+                setattr(module, name, _PreTransposed(child.weight))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def _cache_suffixes(spec: ArchSpec) -> tuple[str, str]:
+    return ("latent", "rope") if spec.attention == "mla" else ("key", "value")
+
+
+def _cache_shapes(spec: ArchSpec) -> tuple[tuple[int | str, ...], tuple[int | str, ...]]:
+    """Shapes of one layer's (a, b) cache pair, as documented at the top of nas/model.py."""
+    if spec.attention == "mla":
+        return ("batch", "past", spec.mla_latent_rank), ("batch", "past", spec.mla_rope_dim)
+    kv = ("batch", spec.n_kv_heads, "past", spec.head_dim)
+    return kv, kv
+
+
+def _cache_spec(spec: ArchSpec, dtype: str = "float32") -> tuple[CacheInput, ...]:
+    out = []
+    for i in range(spec.n_layers):
+        for suffix, shape in zip(_cache_suffixes(spec), _cache_shapes(spec), strict=True):
+            out.append(CacheInput(f"past.{i}.{suffix}", f"present.{i}.{suffix}", shape, dtype))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's and quantizers' progress prints, warnings and INFO logs; errors
+    still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript",
+                                              "onnx_ir", "onnxruntime", "root")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_onnx(model: Decoder, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> ExportedModel:
+    """Export ``model`` (fp32) to ``out_dir/model.onnx`` (+ ``model.onnx.data``) as one graph with
+    a KV cache and dynamic batch, sequence and past length."""
+    if not isinstance(model, Decoder):
+        raise ExportError(f"export_onnx takes a nas.model.Decoder, got {type(model).__name__}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}: the dynamo exporter needs "
+            f">= {MIN_OPSET}, and from 23 it emits a native Attention op that ORT's quantizers reject"
+        )
+    spec = model.spec
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_spec = _cache_spec(spec)
+    input_names = ("input_ids", *(c.name for c in cache_spec))
+    output_names = ("logits", *(c.output for c in cache_spec))
+
+    # Example shapes of 2 or more: torch.export specializes a dimension that is 0 or 1 in the
+    # example to that constant, which would fix the batch to 1 or the past length to 0.
+    batch, seq, past = 2, 3, 2
+    m = _export_copy(model)
+    with torch.no_grad():
+        ids = torch.randint(0, spec.vocab_size, (batch, past + seq), generator=torch.Generator().manual_seed(0))
+        _, warm = m.forward_cached(ids[:, :past], m.empty_cache(batch))
+    example_past = tuple(t.contiguous() for pair in warm for t in pair)
+    b = torch.export.Dim("batch", min=1)
+    t = torch.export.Dim("seq", min=1)
+    p = torch.export.Dim("past", min=0)
+    past_shapes = tuple({c.shape.index("batch"): b, c.past_axis: p} for c in cache_spec)
+    dynamic_shapes = ({0: b, 1: t}, past_shapes)
+
+    path = out_dir / MODEL_FILE
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                _FlatCache(m), (ids[:, past:], example_past), dynamo=True, opset_version=opset,
+                input_names=list(input_names), output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            )
+            _strip_debug_info(program.model)
+            program.save(str(path), external_data=True)
+    except Exception as e:  # the exporter raises many kinds; a failed export is the model's problem
+        raise ExportError(f"ONNX export of {spec.summary()} failed: {type(e).__name__}: {e}") from e
+
+    exported = _describe(
+        path, spec=spec, bitwidth=32, opset=opset, input_names=input_names, output_names=output_names,
+        cache_spec=cache_spec, logits_dtype="float32", quantized_ops=(),
+    )
+    _check_io(exported)
+    return exported
+
+
+def _strip_debug_info(model: Any) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, FX node text, source paths):
+    for a small model it is most of the .onnx file (375 kB of 1 MB measured on a 0.17M-param
+    model) and it is no part of what a deployment ships."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+        node.doc_string = None
+
+
+# --- files and metadata -------------------------------------------------------------------------
+
+
+def _model_files(path: Path) -> tuple[Path, ...]:
+    """The .onnx and every external-data file it refers to."""
+    proto = onnx.load(str(path), load_external_data=False)
+    locations: list[str] = []
+    for init in _all_initializers(proto.graph):
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next(e.value for e in init.external_data if e.key == "location")
+            if loc not in locations:
+                locations.append(loc)
+    return (path, *(path.parent / loc for loc in locations))
+
+
+def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+def _describe(path: Path, *, spec: ArchSpec, bitwidth: int, opset: int, input_names: tuple[str, ...],
+              output_names: tuple[str, ...], cache_spec: tuple[CacheInput, ...], logits_dtype: str,
+              quantized_ops: tuple[str, ...], embedding_quantized: bool = False,
+              lm_head_quantized: bool = False) -> ExportedModel:
+    files = _model_files(path)
+    exported = ExportedModel(
+        path=path, files=files, total_bytes=sum(f.stat().st_size for f in files),
+        input_names=input_names, output_names=output_names, cache_spec=cache_spec,
+        logits_dtype=logits_dtype, vocab_size=spec.vocab_size, bitwidth=bitwidth, opset=opset, spec=spec,
+        tied_storage="duplicated" if spec.tied_embeddings else "untied", quantized_ops=quantized_ops,
+        embedding_quantized=embedding_quantized, lm_head_quantized=lm_head_quantized,
+    )
+    (path.parent / MANIFEST_FILE).write_text(json.dumps(exported.to_dict(), indent=1))
+    return exported
+
+
+def _check_io(exported: ExportedModel) -> None:
+    """The file's inputs and outputs are the names, dtypes and shapes the result promises."""
+    proto = onnx.load(str(exported.path), load_external_data=False)
+    names_in = tuple(i.name for i in proto.graph.input)
+    names_out = tuple(o.name for o in proto.graph.output)
+    if names_in != exported.input_names or names_out != exported.output_names:
+        raise ExportError(
+            f"exported graph has inputs {names_in} and outputs {names_out}; "
+            f"expected {exported.input_names} and {exported.output_names}"
+        )
+    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+              for i in [*proto.graph.input, *proto.graph.output]}
+    for c in exported.cache_spec:
+        if dtypes[c.name] != c.dtype or dtypes[c.output] != c.dtype:
+            raise ExportError(f"{c.name} is {dtypes[c.name]}, expected {c.dtype}")
+    if dtypes["logits"] != exported.logits_dtype:
+        raise ExportError(f"logits are {dtypes['logits']}, expected {exported.logits_dtype}")
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+def quantize(exported: ExportedModel, bitwidth: int, out_dir: Path) -> ExportedModel:
+    """Quantize an fp32 export to ``bitwidth`` in ``out_dir`` with ONNX Runtime's tools.
+
+    32: the fp32 files themselves (copied when ``out_dir`` is elsewhere); 16: fp16 weights and
+    activations, fp16 cache and logits; 8: int8 weights of every MatMul and of the embedding
+    Gather, activations quantized dynamically; 4: int4 weight-only MatMulNBits (block 32) and the
+    embedding as GatherBlockQuantized.
+    """
+    if bitwidth not in BITWIDTHS:
+        raise ExportError(f"bitwidth must be one of {list(BITWIDTHS)}, got {bitwidth!r}")
+    if exported.bitwidth != 32:
+        raise ExportError(f"quantize takes an fp32 export, got one at bitwidth {exported.bitwidth}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if bitwidth == 32:
+        if out_dir.resolve() == exported.path.parent.resolve():
+            return exported
+        for f in exported.files:  # the .onnx names its data file relatively: keep the names
+            shutil.copy2(f, out_dir / f.relative_to(exported.path.parent))
+        return _redescribe(exported, out_dir / exported.path.name)
+    if out_dir.resolve() == exported.path.parent.resolve():
+        raise ExportError(f"quantize would overwrite its fp32 input in {out_dir}: choose another out_dir")
+    path = out_dir / MODEL_FILE
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    try:
+        with _quiet():
+            result = _QUANTIZERS[bitwidth](exported, path)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(
+            f"{bitwidth}-bit quantization of {exported.spec.summary()} failed: {type(e).__name__}: {e}"
+        ) from e
+    _check_io(result)
+    return result
+
+
+def _redescribe(exported: ExportedModel, path: Path, **changes: Any) -> ExportedModel:
+    fields = {k: getattr(exported, k) for k in (
+        "spec", "bitwidth", "opset", "input_names", "output_names", "cache_spec", "logits_dtype",
+        "quantized_ops", "embedding_quantized", "lm_head_quantized")}
+    fields.update(changes)
+    return _describe(path, **fields)
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def _quantize_fp16(exported: ExportedModel, path: Path) -> ExportedModel:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(exported.path))
+    # keep_io_types=False: the cache and logits become fp16 too (module docstring). The rotary
+    # angles are then computed in fp16 as well; measured at positions 192-255 the logit error
+    # was no larger than at 0-63, so no node is kept in fp32.
+    proto = convert_float_to_float16(proto, keep_io_types=False)
+    _save(proto, path)
+    cache = tuple(dataclasses.replace(c, dtype="float16") for c in exported.cache_spec)
+    return _quantized_result(exported, path, bitwidth=16, cache_spec=cache, logits_dtype="float16")
+
+
+def _quantize_int8(exported: ExportedModel, path: Path) -> ExportedModel:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Per-tensor weight scales (ORT's default): per-channel cut the worst logit error of a
+    # briefly trained model from 0.16 to 0.02 fp32-logit std (mean KL 3.6e-5 -> 2.2e-5) but its
+    # decode was 8% slower (0.28 vs 0.26 ms, 6M-param GQA model, 2 threads), and a search
+    # ranks by both. The embedding Gather is quantized too: it ran, and it is a large share of a
+    # small model (a 0.1M-param one: 140 kB with it, 183 kB without, same error).
+    quantize_dynamic(
+        exported.path, path, op_types_to_quantize=["MatMul", "Gather"], per_channel=False,
+        weight_type=QuantType.QInt8, use_external_data_format=True,
+        extra_options={"MatMulConstBOnly": True},  # leave the attention's activation matmuls alone
+    )
+    return _quantized_result(exported, path, bitwidth=8)
+
+
+def _quantize_int4(exported: ExportedModel, path: Path) -> ExportedModel:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # "Gather" joins the default ("MatMul",) so the embedding becomes GatherBlockQuantized (int4,
+    # blocks along d_model): left out, the fp32 table dominated a small int4 file (NOTES.md).
+    # The quantizer then raises the file's opset to 21, the first with int4 tensors; the ops in
+    # our graph mean the same at 21, and ORT's outputs matched. accuracy_level=4 (int8 compute)
+    # was the fastest decode (NOTES.md) and its error equalled accuracy_level=0's here.
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(exported.path)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=False,
+        accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer.process()
+    _save(quantizer.model.model, path)
+    return _quantized_result(exported, path, bitwidth=4)
+
+
+def _quantized_result(exported: ExportedModel, path: Path, **changes: Any) -> ExportedModel:
+    """Describe a quantized file, reading from it which weights left fp32."""
+    source = onnx.load(str(exported.path), load_external_data=False)
+    target = onnx.load(str(path), load_external_data=False)
+    embedding, lm_head = _embedding_and_lm_head(source)
+    fp32_before, fp32_after = _fp32_matrices(source), _fp32_matrices(target)
+    matmul_weights = {n.input[1] for n in source.graph.node if n.op_type == "MatMul"} & fp32_before
+    ops = []
+    if matmul_weights - {lm_head} and not (matmul_weights - {lm_head}) & fp32_after:
+        ops.append("MatMul")
+    if embedding not in fp32_after:
+        ops.append("Gather")
+    return _redescribe(
+        exported, path, opset=_opset(target), quantized_ops=tuple(ops),
+        embedding_quantized=embedding not in fp32_after, lm_head_quantized=lm_head not in fp32_after,
+        **changes,
+    )
+
+
+def _embedding_and_lm_head(proto: onnx.ModelProto) -> tuple[str, str]:
+    """Names of the embedding table (the Gather on input_ids) and the lm_head weight (the MatMul
+    that makes the logits) in an fp32 export."""
+    embedding = next(n.input[0] for n in proto.graph.node if n.op_type == "Gather" and "input_ids" in n.input)
+    lm_head = next(n.input[1] for n in proto.graph.node if "logits" in n.output)
+    return embedding, lm_head
+
+
+def _fp32_matrices(proto: onnx.ModelProto) -> set[str]:
+    return {i.name for i in _all_initializers(proto.graph)
+            if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+_QUANTIZERS = {16: _quantize_fp16, 8: _quantize_int8, 4: _quantize_int4}
+
+
+# --- the whole stage ----------------------------------------------------------------------------
+
+
+def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, seed: int = 0) -> ExportedModel:
+    """Export ``model`` (or a fresh one built from ``spec`` and ``seed``) and quantize it to
+    ``spec.bitwidth``: the deployed model in ``out_dir``, its fp32 source in ``out_dir/fp32``."""
+    if spec.bitwidth not in BITWIDTHS:
+        raise ExportError(f"bitwidth must be one of {list(BITWIDTHS)}, got {spec.bitwidth!r}")
+    if model is None:
+        model = build_model(spec, seed)
+    elif model.spec != spec:
+        raise ExportError(f"the model was built for {model.spec.summary()}, not for {spec.summary()}")
+    out_dir = Path(out_dir)
+    if spec.bitwidth == 32:
+        return export_onnx(model, out_dir)
+    fp32 = export_onnx(model, out_dir / "fp32")
+    return quantize(fp32, spec.bitwidth, out_dir)
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def ort_session(exported: ExportedModel, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session on the exported file, with ``threads`` intra-op threads and ORT's warnings off."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1  # one graph, run step by step: parallel branches only add noise
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(exported.path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_cached(
+    session: ort.InferenceSession, exported: ExportedModel, input_ids: np.ndarray,
+    cache: dict[str, np.ndarray] | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One prefill (``cache`` None: empty) or decode step: (B, T) ids -> logits (B, T, vocab) and
+    the cache of all tokens so far, keyed by the past input names so it can be fed back."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if ids.ndim != 2:
+        raise ExportError(f"input_ids must be (batch, seq), got shape {ids.shape}")
+    if cache is None:
+        cache = exported.empty_cache(ids.shape[0])
+    feeds: dict[str, np.ndarray] = {"input_ids": ids}
+    for c in exported.cache_spec:
+        feeds[c.name] = cache[c.name]
+    outputs = session.run(list(exported.output_names), feeds)
+    by_name = dict(zip(exported.output_names, outputs, strict=True))
+    return by_name["logits"], {c.name: by_name[c.output] for c in exported.cache_spec}

@@ -1,0 +1,120 @@
+"""Measuring an exported model on this machine, in an isolated process.
+
+Each measurement runs ``nas.measure_worker`` in a fresh process, pinned to the profile's thread
+count of cores, with ONNX Runtime's threads and execution provider from the profile. The parent
+only waits: a crash, a hang (time-out) or an out-of-memory kill ends the child, and comes back
+here as a MeasurementError with its reason, never as a crash of the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nas.errors import NasError
+from nas.results import MEASURED_LOCAL, LatencyStats, Measurement
+
+if TYPE_CHECKING:
+    from nas.arch import ArchSpec
+    from nas.hardware import HardwareProfile
+
+DEFAULT_WARMUP = 3
+DEFAULT_REPEATS = 20
+DEFAULT_TIMEOUT_S = 300.0
+MAX_PHASE_SECONDS = 15.0
+"""A phase (prefill or decode) stops repeating after this long, once it has 5 samples."""
+
+
+class MeasurementError(NasError):
+    """A measurement that failed: the worker crashed, was killed, timed out or reported an error."""
+
+
+def _cores(threads: int) -> list[int]:
+    available = sorted(os.sched_getaffinity(0))
+    return available[: max(1, min(threads, len(available)))]
+
+
+def measure_local(
+    model_dir: Path,
+    spec: ArchSpec,
+    profile: HardwareProfile,
+    *,
+    runtime: HardwareProfile | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_phase_seconds: float = MAX_PHASE_SECONDS,
+    label: str = MEASURED_LOCAL,
+) -> Measurement:
+    """Prefill and decode latency, peak memory and size of ``spec``'s deployed model in
+    ``model_dir`` (written by ``nas.export``), run here on ``profile``'s workload.
+
+    Threads and execution provider come from ``runtime`` (default: ``profile`` itself). A target
+    measured elsewhere passes the host profile as ``runtime``: its workload run on this machine
+    is what the roofline estimate scales.
+    """
+    runtime_profile = runtime or profile
+    threads = runtime_profile.runtime.threads
+    w = profile.workload
+    workload = {
+        "prompt_tokens": w.prefill_tokens(spec),
+        "context_tokens": w.decode_past_tokens(spec),
+        "batch": w.batch,
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+    args = {
+        "model_dir": str(Path(model_dir).resolve()),
+        "threads": threads,
+        "provider": runtime_profile.runtime.execution_provider,
+        "max_phase_seconds": max_phase_seconds,
+        "cores": _cores(threads),
+        **workload,
+    }
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nas.measure_worker", json.dumps(args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # its own process group, so a time-out kills everything it started
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise MeasurementError(f"measurement timed out after {timeout_s:g} s") from None
+    if proc.returncode != 0:
+        raise MeasurementError(_failure_reason(proc.returncode, err))
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise MeasurementError(f"measurement worker printed no result (stderr: {err.strip()[-300:]})") from None
+
+    return Measurement(
+        arch_id=spec.arch_id,
+        profile=profile.name,
+        bitwidth=spec.bitwidth,
+        label=label,
+        prefill=LatencyStats.from_samples(result["prefill_ms"]),
+        decode=LatencyStats.from_samples(result["decode_ms"]),
+        peak_memory_bytes=result["peak_rss_bytes"],
+        model_bytes=result["model_bytes"],
+        workload=workload,
+        provenance={**result["provenance"], "baseline_rss_bytes": result["baseline_rss_bytes"],
+                    "session_load_s": round(result["session_load_s"], 3), "peak_reset": result["peak_reset"]},
+    )
+
+
+def _failure_reason(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"measurement process killed by {name}{hint}"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    detail = lines[-1] if lines else "no message"
+    return f"measurement failed (exit {returncode}): {detail[:500]}"

@@ -1,0 +1,100 @@
+"""Values that stages hand to the search and the store: latency statistics and measurements.
+
+Plain data, importable without torch or ONNX Runtime. A measurement always carries its label
+(where the figure came from) and its provenance (what it was taken on), so that a figure can be
+trusted, compared or re-taken later.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MEASURED_LOCAL = "measured:local"
+ESTIMATED_ROOFLINE = "estimated:roofline"
+
+
+def measured_on(node: str) -> str:
+    """The label of a figure measured on a Ray node that advertises a device."""
+    return f"measured:{node}"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds over repeats taken after warm-up: the median and the spread around it."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    cv: float
+    """Coefficient of variation (stdev / mean) of the repeats: the figure's repeatability."""
+    repeats_ms: tuple[float, ...] = field(repr=False)
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float] | tuple[float, ...]) -> LatencyStats:
+        xs = sorted(float(x) for x in samples_ms)
+        if not xs:
+            raise ValueError("no latency samples")
+        mean = statistics.fmean(xs)
+        stdev = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+        return cls(median_ms=statistics.median(xs), p10_ms=q[0], p90_ms=q[-1], mean_ms=mean,
+                   cv=stdev / mean if mean > 0 else 0.0, repeats_ms=tuple(samples_ms))
+
+    def scaled(self, factor: float) -> LatencyStats:
+        """The same distribution scaled (an estimate keeps the host's relative spread)."""
+        return LatencyStats.from_samples([x * factor for x in self.repeats_ms])
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency and memory of one deployed model (an arch at its bitwidth) on one profile."""
+
+    arch_id: str
+    profile: str
+    bitwidth: int
+    label: str
+    """``measured:local``, ``measured:<node>`` or ``estimated:roofline``."""
+    prefill: LatencyStats
+    """One prefill of the profile's prompt (batch, prompt_tokens)."""
+    decode: LatencyStats
+    """One decode step (per token) with context_tokens already in the KV cache."""
+    peak_memory_bytes: int
+    """Peak resident memory (VmHWM) of the inference process, runtime included."""
+    model_bytes: int
+    """Size of every file of the deployed model (the .onnx and its external data)."""
+    workload: dict[str, Any] = field(default_factory=dict)
+    """prompt_tokens, context_tokens, batch, warmup, repeats: what was run."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Where and how: CPU model, threads, execution provider, library versions, node; for an
+    estimate, the host measurement and the factors it was scaled by."""
+
+    @property
+    def decode_ms(self) -> float:
+        return self.decode.median_ms
+
+    @property
+    def prefill_ms(self) -> float:
+        return self.prefill.median_ms
+
+    @property
+    def peak_memory_mb(self) -> float:
+        return self.peak_memory_bytes / 2**20
+
+    @property
+    def model_mb(self) -> float:
+        return self.model_bytes / 2**20
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        d = dict(d)
+        for key in ("prefill", "decode"):
+            s = dict(d[key])
+            s["repeats_ms"] = tuple(s["repeats_ms"])
+            d[key] = LatencyStats(**s)
+        return cls(**d)

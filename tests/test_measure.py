@@ -1,0 +1,163 @@
+"""Measurement in an isolated process, the roofline estimate, and their labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nas.estimate import HostCalibration, calibrate_host, estimate, fit_corrections, roofline_factors
+from nas.export import export_spec
+from nas.hardware import load_profile
+from nas.measure import MeasurementError, _failure_reason, measure_local
+from nas.pipeline import budget_constraints
+from nas.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, LatencyStats, Measurement
+from tests.test_arch import make
+
+SPEC = make("gqa", vocab_size=512, d_model=64, head_dim=16, context_length=64, bitwidth=8)
+FAST = dict(warmup=1, repeats=6, max_phase_seconds=2.0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("measure-cache")
+        mp.setenv("NAS_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_spec(SPEC, tmp_path_factory.mktemp("model")).path.parent
+
+
+@pytest.fixture(scope="module")
+def host_measurement(exported: Path) -> Measurement:
+    return measure_local(exported, SPEC, load_profile("host"), **FAST)
+
+
+def test_local_measurement_is_labelled_and_carries_its_provenance(host_measurement: Measurement, exported: Path):
+    m = host_measurement
+    assert m.label == MEASURED_LOCAL and m.profile == "host" and m.arch_id == SPEC.arch_id and m.bitwidth == 8
+    assert len(m.decode.repeats_ms) >= 5 and len(m.prefill.repeats_ms) >= 5
+    assert 0 < m.decode.p10_ms <= m.decode.median_ms <= m.decode.p90_ms
+    assert m.prefill.median_ms > 0
+    # the host profile asks for 256 cached tokens; a 64-token model is measured at its own limit
+    assert m.workload["context_tokens"] == 63 and m.workload["prompt_tokens"] == 64
+    files = [p for p in exported.iterdir() if p.is_file() and p.name.startswith("model.onnx")]
+    assert m.model_bytes == sum(p.stat().st_size for p in files)
+    assert m.peak_memory_bytes > m.model_bytes
+    prov = m.provenance
+    assert prov["threads"] == 2 and prov["execution_provider"] == "CPUExecutionProvider"
+    assert prov["onnxruntime"] and prov["cpu"] and prov["arena"] is False
+    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_a_broken_model_fails_the_measurement_not_the_caller(exported: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in exported.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(MeasurementError, match=r"measurement failed \(exit 3\):"):
+        measure_local(broken, SPEC, load_profile("host"), **FAST)
+
+
+def test_a_hung_measurement_times_out_and_is_killed(exported: Path):
+    # a million repeats with no phase limit stands in for a hang
+    with pytest.raises(MeasurementError, match=r"timed out after 1\.5 s"):
+        measure_local(exported, SPEC, load_profile("host"), timeout_s=1.5, warmup=1, repeats=10**6,
+                      max_phase_seconds=1e6)
+    out = subprocess.run(["pgrep", "-f", "nas.measure_worker"], capture_output=True, text=True)
+    assert out.stdout.strip() == ""  # the worker's whole process group is gone
+
+
+def test_an_unavailable_execution_provider_is_named(exported: Path):
+    jetson = load_profile("jetson")  # CUDA, which this machine's onnxruntime does not have
+    with pytest.raises(MeasurementError, match="CUDAExecutionProvider is not available here"):
+        measure_local(exported, SPEC, jetson, **FAST)
+
+
+def test_a_killed_worker_is_reported_with_its_signal():
+    assert _failure_reason(-signal.SIGKILL, "") == "measurement process killed by SIGKILL (out of memory?)"
+    assert "exit 3" in _failure_reason(3, "Traceback...\nValueError: bad\n")
+
+
+def _cal(bw: float = 20.0, flops: float = 100.0) -> HostCalibration:
+    return HostCalibration(memory_bandwidth_gbs=bw, peak_gflops={"fp32": flops, "fp16": flops, "int8": 4 * flops},
+                           provenance={"cpu": "test"}, measured_at=0.0)
+
+
+def test_estimate_scales_decode_by_bandwidth_and_prefill_by_compute(host_measurement: Measurement):
+    rpi5 = load_profile("rpi5")
+    cal = _cal()
+    est = estimate(host_measurement, SPEC, rpi5, cal)
+    assert est.label == ESTIMATED_ROOFLINE and est.profile == "rpi5"
+    assert est.decode.median_ms == pytest.approx(host_measurement.decode.median_ms * 20e9 / rpi5.bandwidth_bytes_per_s)
+    assert est.prefill.median_ms == pytest.approx(host_measurement.prefill.median_ms * 400e9 / rpi5.peak_flops(8))
+    assert est.decode.cv == pytest.approx(host_measurement.decode.cv)  # the host's spread, scaled
+    assert est.provenance["host_decode_ms"] == host_measurement.decode.median_ms
+    f = roofline_factors(SPEC, rpi5, cal)
+    corrected = estimate(host_measurement, SPEC, rpi5, cal, corrections=(2.0, 0.5))
+    assert corrected.decode.median_ms == pytest.approx(host_measurement.decode.median_ms * f.decode * 2.0)
+    assert corrected.prefill.median_ms == pytest.approx(host_measurement.prefill.median_ms * f.prefill * 0.5)
+
+
+def test_calibration_points_correct_by_the_median_ratio(host_measurement: Measurement):
+    est = estimate(host_measurement, SPEC, load_profile("rpi5"), _cal())
+    d, p = est.decode.median_ms, est.prefill.median_ms
+    pairs = [(est, 2 * d, 3 * p), (est, 4 * d, None), (est, 3 * d, 3 * p)]
+    assert fit_corrections(pairs) == (pytest.approx(3.0), pytest.approx(3.0))
+    assert fit_corrections([]) == (1.0, 1.0)
+
+
+def test_budget_constraints_are_figure_minus_budget(host_measurement: Measurement):
+    host = load_profile("host")
+    c = budget_constraints(host_measurement, host)
+    assert c["decode_ms_per_token"] == pytest.approx(host_measurement.decode.median_ms - 10)
+    assert c["model_mb"] == pytest.approx(host_measurement.model_mb - 64)
+    assert set(c) == {"peak_memory_mb", "decode_ms_per_token", "model_mb"}  # host sets no prefill budget
+    slow = dataclasses.replace(host_measurement, decode=LatencyStats.from_samples([50.0, 60.0]))
+    assert budget_constraints(slow, host)["decode_ms_per_token"] > 0
+
+
+def test_latency_stats_quantiles_and_cv():
+    s = LatencyStats.from_samples([float(x) for x in range(1, 12)])
+    assert s.median_ms == 6 and s.p10_ms == 2 and s.p90_ms == 10
+    assert s.cv == pytest.approx(3.3166 / 6, rel=1e-3)
+    assert s.scaled(2).median_ms == 12
+
+
+def test_host_calibration_is_measured_once_then_cached(cache: Path, monkeypatch: pytest.MonkeyPatch):
+    host = load_profile("host")
+    cal = calibrate_host(host, repeats=3)
+    assert cal.memory_bandwidth_gbs > 0.5 and cal.peak_gflops["fp32"] > 1
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("calibration ran again"))
+    assert calibrate_host(host) == cal
+
+
+@pytest.mark.parametrize("device,label", [("host", "measured:local"), ("laptop", "estimated:roofline"),
+                                          ("jetson", "estimated:roofline")])
+def test_cli_measure_prints_labelled_figures(device: str, label: str, cache: Path, tmp_path: Path):
+    arch = tmp_path / "arch.json"
+    arch.write_text(SPEC.canonical_json())
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "measure", "--device", device, "--space", "tiny",
+                           "--arch-json", str(arch), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["measurement"]["label"] == label and out["arch_id"] == SPEC.arch_id
+    assert out["measurement"]["decode"]["median_ms"] > 0
+    if device == "jetson":
+        assert "no Ray node advertises 'jetson'" in proc.stderr
+
+
+def test_cli_require_measured_refuses_an_estimate(cache: Path, tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "measure", "--device", "laptop", "--space", "tiny",
+                           "--require-measured"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "can only be estimated" in proc.stderr and "Traceback" not in proc.stderr
