@@ -453,6 +453,23 @@ def val_windows(ids: np.ndarray, seq_len: int,
         yield w[None, :-1].copy(), w[None, 1:].copy()
 
 
+Window = tuple[np.ndarray, np.ndarray]
+
+
+def stack_windows(windows: Iterator[Window], size: int) -> Iterator[Window]:
+    """Group [1, T] windows into [n <= size, T] batches (a shorter last window goes alone)."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for x, y in windows:
+        if xs and (x.shape != xs[0].shape or len(xs) == size):
+            yield np.concatenate(xs), np.concatenate(ys)
+            xs, ys = [], []
+        xs.append(x)
+        ys.append(y)
+    if xs:
+        yield np.concatenate(xs), np.concatenate(ys)
+
+
 # ---------------------------------------------------------------------------------------------
 # N-gram baseline
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nas.arch import ArchSpec
-from nas.data import TokenizedCorpus, train_batches, val_windows
+from nas.data import TokenizedCorpus, stack_windows, train_batches, val_windows
 from nas.errors import TrainingError
 from nas.model import Decoder, build_model
 from nas.settings import TrainConfig
@@ -173,20 +173,6 @@ def train_brief(
     )
 
 
-def _stacked(windows: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Group [1, T] windows into [n <= size, T] batches (a shorter last window goes alone)."""
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    for x, y in windows:
-        if xs and (x.shape != xs[0].shape or len(xs) == size):
-            yield np.concatenate(xs), np.concatenate(ys)
-            xs, ys = [], []
-        xs.append(x)
-        ys.append(y)
-    if xs:
-        yield np.concatenate(xs), np.concatenate(ys)
-
-
 @torch.no_grad()
 def evaluate_bpb(model: Decoder, data: TokenizedCorpus, max_tokens: int | None = None,
                  device: str = "cpu", batch_size: int = 16) -> BpbResult:
@@ -195,7 +181,7 @@ def evaluate_bpb(model: Decoder, data: TokenizedCorpus, max_tokens: int | None =
     token_bytes = torch.from_numpy(np.asarray(data.token_bytes, dtype=np.int64))
     nll_nats = 0.0
     n_tokens = n_bytes = 0
-    for x_np, y_np in _stacked(val_windows(data.val_ids, model.spec.context_length, max_tokens), batch_size):
+    for x_np, y_np in stack_windows(val_windows(data.val_ids, model.spec.context_length, max_tokens), batch_size):
         x = torch.from_numpy(x_np).to(device)
         y = torch.from_numpy(y_np)
         logits = model(x).float().cpu()

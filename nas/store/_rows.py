@@ -1,0 +1,135 @@
+"""What the store hands out: frozen plain values, detached from any session.
+
+Callers (the search, the CLI, the web page) hold these across long stretches of work; an ORM
+object would tie them to a session that must stay open and would load lazily behind their back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nas.arch import ArchSpec
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes (it stores no zone); ours are all UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchitectureRow:
+    arch_id: str
+    spec: ArchSpec
+    summary: str
+    params: int
+    non_embedding_params: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasurementRow:
+    """Latency in milliseconds: the median, its p10/p90 spread and the raw repeats."""
+
+    id: int
+    arch_id: str
+    profile: str
+    bitwidth: int
+    label: str
+    """``measured:local``, ``measured:<node>`` or ``estimated:roofline``."""
+    prefill_ms: float | None
+    prefill_p10_ms: float | None
+    prefill_p90_ms: float | None
+    prefill_repeats_ms: tuple[float, ...]
+    decode_ms_per_token: float | None
+    decode_p10_ms: float | None
+    decode_p90_ms: float | None
+    decode_repeats_ms: tuple[float, ...]
+    peak_memory_bytes: int | None
+    model_bytes: int | None
+    workload: dict[str, Any]
+    provenance: dict[str, Any]
+    error: str | None
+    """Why the measurement failed; None for a successful one."""
+    created_at: datetime
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def measured(self) -> bool:
+        """Taken on the device itself, as opposed to estimated."""
+        return self.label.startswith("measured:")
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str
+    """Either "minimize" or "maximize"."""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "direction": self.direction}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyRow:
+    id: int
+    name: str
+    optuna_study_id: int | None
+    space: str
+    profile: str
+    corpus_fingerprint: str | None
+    train_config: dict[str, Any]
+    objectives: tuple[Objective, ...]
+    seed: int | None
+    code_version: str | None
+    created_at: datetime
+    extra: dict[str, Any]
+    trial_counts: dict[str, int] = field(default_factory=dict)
+    """Trials by state (running, complete, failed, infeasible), every state present."""
+
+    @property
+    def n_trials(self) -> int:
+        return sum(self.trial_counts.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialRow:
+    id: int
+    study_id: int
+    study: str
+    number: int
+    """Optuna's trial number within the study."""
+    optuna_trial_id: int | None
+    arch_id: str | None
+    arch_summary: str | None
+    measurement_id: int | None
+    state: str
+    failed_stage: str | None
+    failure_reason: str | None
+    val_bpb: float | None
+    baselines: dict[str, Any] | None
+    train: dict[str, Any] | None
+    curve: list[Any] | None
+    objectives: dict[str, float] | None
+    constraints: dict[str, float] | None
+    artifact_dir: str | None
+    worker: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def feasible(self) -> bool:
+        """Every constraint value is <= 0 (Optuna's convention); a missing value is not."""
+        return all(v is not None and v <= 0 for v in (self.constraints or {}).values())
+
+    @property
+    def seconds(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

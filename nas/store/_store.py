@@ -1,0 +1,735 @@
+"""The Store: a narrow, keyword-only API over the ``nas_*`` tables.
+
+Every method is one short transaction (writes take the write lock up front: see ``_engine``) and
+returns frozen rows (``_rows``), never ORM objects. Finders say what a miss does: ``find_*``
+returns None, ``get_*`` raises :class:`StoreError` naming what exists.
+
+Studies and trials are named as the user and Optuna name them: a study by its unique name, a
+trial by the study's name and Optuna's trial number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, defer
+
+from nas.arch import BITWIDTHS, ArchSpec
+from nas.store._engine import (
+    StoreError,
+    default_db_url,
+    describe_error,
+    json_dumps,
+    make_engine,
+    safe_url,
+    session_scope,
+    writer,
+)
+from nas.store._migrate import known_revisions, revision_of, schema_problem, upgrade_engine
+from nas.store._pareto import DIRECTIONS, non_dominated
+from nas.store._rows import ArchitectureRow, MeasurementRow, Objective, StudyRow, TrialRow, as_utc
+from nas.store.models import (
+    TRIAL_STATES,
+    ArchitectureModel,
+    MeasurementModel,
+    ParetoModel,
+    StudyModel,
+    TrialModel,
+    utcnow,
+)
+
+_LABEL = re.compile(r"^(measured|estimated):\S+$")
+ObjectiveLike = Objective | Mapping[str, str] | tuple[str, str]
+
+
+class Store:
+    """The project's tables in the database at ``url`` (default: ``nas.db`` here).
+
+    ``upgrade=True`` brings an older schema (or an empty database) to this code's revision on
+    open; with ``upgrade=False`` an out-of-date schema raises :class:`StoreError` with the
+    ``nas db upgrade`` command to run. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, url: str | None = None, *, upgrade: bool = True) -> None:
+        self._url = url or default_db_url()
+        if not upgrade:
+            _refuse_missing_sqlite_file(self._url)
+        self._engine = make_engine(self._url)
+        self._writer = writer(self._engine)
+        try:
+            self._ensure_schema(upgrade)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def _ensure_schema(self, upgrade: bool) -> None:
+        try:
+            with self._engine.connect() as conn:
+                current = revision_of(conn)
+        except SQLAlchemyError as e:
+            raise StoreError(describe_error(e, self._url)) from e
+        problem = schema_problem(current, self._url)
+        if problem is None:
+            return
+        if not upgrade or (current is not None and current not in known_revisions()):
+            raise StoreError(problem)
+        upgrade_engine(self._engine, self._url)
+
+    @property
+    def url(self) -> str:
+        """The database URL, password masked."""
+        return safe_url(self._url)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def _read(self) -> AbstractContextManager[Session]:
+        return session_scope(self._engine)
+
+    def _write(self) -> AbstractContextManager[Session]:
+        """A write transaction: on SQLite it holds the write lock from its first statement."""
+        return session_scope(self._writer)
+
+    # --- architectures -------------------------------------------------------------------------
+    def upsert_architecture(self, *, spec: ArchSpec) -> ArchitectureRow:
+        """Store ``spec`` under its arch_id unless it is there already (then nothing changes)."""
+        values = {
+            "arch_id": spec.arch_id,
+            "spec": spec.canonical_json(),
+            "summary": spec.summary(),
+            "attention": spec.attention,
+            "bitwidth": spec.bitwidth,
+            "vocab_size": spec.vocab_size,
+            "d_model": spec.d_model,
+            "n_layers": spec.n_layers,
+            "params": spec.params(),
+            "non_embedding_params": spec.non_embedding_params(),
+            "created_at": utcnow(),
+        }
+        with self._write() as s:
+            # INSERT .. ON CONFLICT DO NOTHING: two workers drawing the same spec at once must
+            # not fail one of them on the primary key.
+            dialect = s.get_bind().dialect.name
+            if dialect in ("sqlite", "postgresql"):
+                insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+                s.execute(insert(ArchitectureModel).values(**values).on_conflict_do_nothing())
+            elif s.get(ArchitectureModel, spec.arch_id) is None:
+                s.add(ArchitectureModel(**values))
+                s.flush()
+            return _architecture_row(s.get_one(ArchitectureModel, spec.arch_id))
+
+    def find_architecture(self, *, arch_id: str) -> ArchitectureRow | None:
+        with self._read() as s:
+            row = s.get(ArchitectureModel, arch_id)
+            return None if row is None else _architecture_row(row)
+
+    def get_architecture(self, *, arch_id: str) -> ArchitectureRow:
+        found = self.find_architecture(arch_id=arch_id)
+        if found is None:
+            raise StoreError(f"no architecture {arch_id!r} in {self.url}")
+        return found
+
+    # --- measurements --------------------------------------------------------------------------
+    def add_measurement(
+        self,
+        *,
+        arch_id: str,
+        profile: str,
+        bitwidth: int,
+        label: str,
+        prefill_ms: float | None = None,
+        prefill_p10_ms: float | None = None,
+        prefill_p90_ms: float | None = None,
+        prefill_repeats_ms: Sequence[float] = (),
+        decode_ms_per_token: float | None = None,
+        decode_p10_ms: float | None = None,
+        decode_p90_ms: float | None = None,
+        decode_repeats_ms: Sequence[float] = (),
+        peak_memory_bytes: int | None = None,
+        model_bytes: int | None = None,
+        workload: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        error: str | None = None,
+    ) -> MeasurementRow:
+        """Record one measurement, or one failed attempt (``error`` set, figures optional).
+
+        Medians and p10/p90 left out are computed from the repeats, so a measurer can pass its
+        raw timings alone.
+        """
+        if not _LABEL.match(label):
+            raise StoreError(f"measurement label {label!r} must be measured:<where> or estimated:<how>")
+        if bitwidth not in BITWIDTHS:
+            raise StoreError(f"bitwidth must be one of {list(BITWIDTHS)}, got {bitwidth!r}")
+        prefill_ms, prefill_p10_ms, prefill_p90_ms = _spread(
+            prefill_repeats_ms, prefill_ms, prefill_p10_ms, prefill_p90_ms
+        )
+        decode_ms_per_token, decode_p10_ms, decode_p90_ms = _spread(
+            decode_repeats_ms, decode_ms_per_token, decode_p10_ms, decode_p90_ms
+        )
+        figures = {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms_per_token}
+        bad = [k for k, v in figures.items() if v is not None and not _is_finite_number(v)]
+        if bad:
+            raise StoreError(f"{bad[0]} must be a finite number, got {figures[bad[0]]!r}")
+        if error is None and (prefill_ms is None or decode_ms_per_token is None):
+            raise StoreError(
+                "a successful measurement needs prefill_ms and decode_ms_per_token (or their repeats); "
+                "record a failed one with error=<reason>"
+            )
+        with self._write() as s:
+            _require_architecture(s, arch_id)
+            row = MeasurementModel(
+                arch_id=arch_id, profile=profile, bitwidth=bitwidth, label=label,
+                prefill_ms=prefill_ms, prefill_p10_ms=prefill_p10_ms, prefill_p90_ms=prefill_p90_ms,
+                prefill_repeats_ms=[float(x) for x in prefill_repeats_ms],
+                decode_ms_per_token=decode_ms_per_token, decode_p10_ms=decode_p10_ms, decode_p90_ms=decode_p90_ms,
+                decode_repeats_ms=[float(x) for x in decode_repeats_ms],
+                peak_memory_bytes=peak_memory_bytes, model_bytes=model_bytes,
+                workload=_jsonable(workload or {}), provenance=_jsonable(provenance or {}),
+                error=error, created_at=utcnow(),
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _measurement_row(row)
+
+    def find_measurement(
+        self,
+        *,
+        arch_id: str,
+        profile: str,
+        bitwidth: int,
+        labels: Iterable[str] | None = None,
+        workload: Mapping[str, Any] | None = None,
+    ) -> MeasurementRow | None:
+        """The latest successful measurement for (arch_id, profile, bitwidth), or None.
+
+        Failed attempts never count. ``labels`` keeps only those labels (``measured:*`` matches
+        any node); ``workload`` keeps only rows taken with exactly that workload, so that a
+        profile whose prompt or context length changed is measured again.
+        """
+        query = (
+            select(MeasurementModel)
+            .where(
+                MeasurementModel.arch_id == arch_id,
+                MeasurementModel.profile == profile,
+                MeasurementModel.bitwidth == bitwidth,
+                MeasurementModel.error.is_(None),
+            )
+            .order_by(MeasurementModel.created_at.desc(), MeasurementModel.id.desc())
+        )
+        if labels is not None:
+            query = query.where(_label_filter(list(labels)))
+        with self._read() as s:
+            for row in s.scalars(query):
+                if workload is None or row.workload == dict(workload):
+                    return _measurement_row(row)
+        return None
+
+    def get_measurement(self, *, id: int) -> MeasurementRow:
+        with self._read() as s:
+            row = s.get(MeasurementModel, id)
+            if row is None:
+                raise StoreError(f"no measurement {id} in {self.url}")
+            return _measurement_row(row)
+
+    def measurements(self, *, arch_id: str | None = None, profile: str | None = None) -> list[MeasurementRow]:
+        """Every measurement (failed ones too), newest first, optionally of one arch or profile."""
+        query = select(MeasurementModel).order_by(MeasurementModel.created_at.desc(), MeasurementModel.id.desc())
+        if arch_id is not None:
+            query = query.where(MeasurementModel.arch_id == arch_id)
+        if profile is not None:
+            query = query.where(MeasurementModel.profile == profile)
+        with self._read() as s:
+            return [_measurement_row(r) for r in s.scalars(query)]
+
+    # --- studies -------------------------------------------------------------------------------
+    def create_study(
+        self,
+        *,
+        name: str,
+        space: str,
+        profile: str,
+        objectives: Sequence[ObjectiveLike],
+        optuna_study_id: int | None = None,
+        corpus_fingerprint: str | None = None,
+        train_config: Mapping[str, Any] | Any = None,
+        seed: int | None = None,
+        code_version: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> StudyRow:
+        """A new study; raises if the name is taken (use :meth:`find_study` to resume one).
+
+        ``objectives`` in Optuna's order of values, e.g. ``[("val_bpb", "minimize"),
+        ("decode_ms", "minimize")]``; ``train_config`` a mapping or a pydantic model.
+        """
+        objs = _objectives(objectives)
+        if not name or not name.strip():
+            raise StoreError("a study needs a non-empty name")
+        if hasattr(train_config, "model_dump"):
+            train_config = train_config.model_dump(mode="json")
+        with self._write() as s:
+            if s.scalar(select(StudyModel.id).where(StudyModel.name == name)) is not None:
+                raise StoreError(f"a study named {name!r} already exists in {self.url}")
+            row = StudyModel(
+                name=name, optuna_study_id=optuna_study_id, space=space, profile=profile,
+                corpus_fingerprint=corpus_fingerprint, train_config=_jsonable(train_config or {}),
+                objectives=[o.to_dict() for o in objs], seed=seed, code_version=code_version,
+                created_at=utcnow(), extra=_jsonable(extra or {}),
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _study_row(row, {})
+
+    def find_study(self, *, name: str) -> StudyRow | None:
+        with self._read() as s:
+            row = s.scalar(select(StudyModel).where(StudyModel.name == name))
+            return None if row is None else _study_row(row, _counts(s, [row.id]).get(row.id, {}))
+
+    def get_study(self, *, name: str) -> StudyRow:
+        with self._read() as s:
+            row = s.scalar(select(StudyModel).where(StudyModel.name == name))
+            if row is None:
+                raise StoreError(_no_study(s, name, self.url))
+            return _study_row(row, _counts(s, [row.id]).get(row.id, {}))
+
+    def list_studies(self) -> list[StudyRow]:
+        """Every study, oldest first, with its trial counts by state."""
+        with self._read() as s:
+            rows = list(s.scalars(select(StudyModel).order_by(StudyModel.created_at, StudyModel.id)))
+            counts = _counts(s, [r.id for r in rows])
+            return [_study_row(r, counts.get(r.id, {})) for r in rows]
+
+    def delete_study(self, *, name: str) -> None:
+        """Remove the study and its trials and front from our tables (Optuna's study stays:
+        delete it with Optuna). Architectures and measurements stay, being shared."""
+        with self._write() as s:
+            study_id = _study_id(s, name, self.url)
+            # Explicit deletes rather than ON DELETE CASCADE alone: SQLite enforces foreign keys
+            # only on connections that enable them, and another tool's may not.
+            s.execute(delete(ParetoModel).where(ParetoModel.study_id == study_id))
+            s.execute(delete(TrialModel).where(TrialModel.study_id == study_id))
+            s.execute(delete(StudyModel).where(StudyModel.id == study_id))
+
+    # --- trials --------------------------------------------------------------------------------
+    def start_trial(
+        self,
+        *,
+        study: str,
+        number: int,
+        optuna_trial_id: int | None = None,
+        arch_id: str | None = None,
+        worker: str | None = None,
+    ) -> TrialRow:
+        """Record trial ``number`` of ``study`` as running (the spec may come later, through
+        :meth:`update_trial`)."""
+        with self._write() as s:
+            study_id = _study_id(s, study, self.url)
+            if s.scalar(select(TrialModel.id).where(TrialModel.study_id == study_id, TrialModel.number == number)):
+                raise StoreError(f"trial {number} of study {study!r} already exists")
+            if arch_id is not None:
+                _require_architecture(s, arch_id)
+            row = TrialModel(
+                study_id=study_id, number=number, optuna_trial_id=optuna_trial_id, arch_id=arch_id,
+                state="running", worker=worker, started_at=utcnow(),
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _trial_row(s, row, study)
+
+    def update_trial(
+        self,
+        *,
+        study: str,
+        number: int,
+        arch_id: str | None = None,
+        measurement_id: int | None = None,
+        artifact_dir: str | None = None,
+        optuna_trial_id: int | None = None,
+    ) -> TrialRow:
+        """Fill in what a running trial learned so far; arguments left as None stay unchanged."""
+        with self._write() as s:
+            row = _running_trial(s, study, number, self.url, "update")
+            _link(s, row, arch_id=arch_id, measurement_id=measurement_id, artifact_dir=artifact_dir)
+            if optuna_trial_id is not None:
+                row.optuna_trial_id = optuna_trial_id
+            s.flush()
+            return _trial_row(s, row, study)
+
+    def finish_trial(
+        self,
+        *,
+        study: str,
+        number: int,
+        objectives: Mapping[str, float],
+        val_bpb: float | None = None,
+        constraints: Mapping[str, float] | None = None,
+        train: Mapping[str, Any] | None = None,
+        curve: Sequence[Any] | None = None,
+        baselines: Mapping[str, Any] | None = None,
+        arch_id: str | None = None,
+        measurement_id: int | None = None,
+        artifact_dir: str | None = None,
+    ) -> TrialRow:
+        """Mark a running trial complete with its objective values (every one of the study's
+        objectives, finite) and constraint values (<= 0 means satisfied)."""
+        with self._write() as s:
+            row = _running_trial(s, study, number, self.url, "finish")
+            wanted = [o["name"] for o in s.get_one(StudyModel, row.study_id).objectives]
+            missing = [n for n in wanted if n not in objectives]
+            if missing:
+                raise StoreError(
+                    f"trial {number} of study {study!r}: objective {missing[0]!r} has no value "
+                    f"(the study's objectives: {', '.join(wanted)})"
+                )
+            bad = {k: v for k, v in objectives.items() if not _is_finite_number(v)}
+            if val_bpb is not None and not _is_finite_number(val_bpb):
+                bad["val_bpb"] = val_bpb
+            if bad:
+                name = next(iter(bad))
+                raise StoreError(
+                    f"trial {number} of study {study!r}: objective {name!r} is {bad[name]!r}; "
+                    f"a trial without finite objectives is failed, not complete (fail_trial)"
+                )
+            _link(s, row, arch_id=arch_id, measurement_id=measurement_id, artifact_dir=artifact_dir)
+            row.state = "complete"
+            row.objectives = {k: float(v) for k, v in objectives.items()}
+            row.constraints = _constraints(constraints)
+            row.val_bpb = val_bpb
+            row.train = _jsonable(train)
+            row.curve = _jsonable(curve)
+            row.baselines = _jsonable(baselines)
+            row.finished_at = utcnow()
+            s.flush()
+            return _trial_row(s, row, study)
+
+    def fail_trial(self, *, study: str, number: int, stage: str, reason: str) -> TrialRow:
+        """Mark a running trial failed at ``stage`` (e.g. "export", "measure", "train") for
+        ``reason`` (one line a user can act on)."""
+        with self._write() as s:
+            row = _running_trial(s, study, number, self.url, "fail")
+            row.state, row.failed_stage, row.failure_reason = "failed", stage, reason
+            row.finished_at = utcnow()
+            s.flush()
+            return _trial_row(s, row, study)
+
+    def mark_infeasible(
+        self,
+        *,
+        study: str,
+        number: int,
+        stage: str,
+        reason: str,
+        constraints: Mapping[str, float] | None = None,
+        arch_id: str | None = None,
+        measurement_id: int | None = None,
+    ) -> TrialRow:
+        """Mark a running trial infeasible: over a budget of the profile, found at ``stage``
+        ("analytic" before any cost, "measure" after measuring); ``reason`` names the budget."""
+        with self._write() as s:
+            row = _running_trial(s, study, number, self.url, "mark infeasible")
+            _link(s, row, arch_id=arch_id, measurement_id=measurement_id, artifact_dir=None)
+            row.state, row.failed_stage, row.failure_reason = "infeasible", stage, reason
+            row.constraints = _constraints(constraints)
+            row.finished_at = utcnow()
+            s.flush()
+            return _trial_row(s, row, study)
+
+    def find_trial(self, *, study: str, number: int) -> TrialRow | None:
+        with self._read() as s:
+            study_id = _study_id(s, study, self.url)
+            row = s.scalar(select(TrialModel).where(TrialModel.study_id == study_id, TrialModel.number == number))
+            return None if row is None else _trial_row(s, row, study)
+
+    def get_trial(self, *, study: str, number: int) -> TrialRow:
+        found = self.find_trial(study=study, number=number)
+        if found is None:
+            raise StoreError(f"no trial {number} in study {study!r}")
+        return found
+
+    def trials(self, *, study: str, states: Iterable[str] | None = None, curves: bool = False) -> list[TrialRow]:
+        """The study's trials by number, optionally only those in ``states``.
+
+        Learning curves are left out (``curve`` is None) unless ``curves=True``: decoding them is
+        most of the cost of listing a large study, and a table or a front does not show them.
+        """
+        query = select(TrialModel, ArchitectureModel.summary).outerjoin(
+            ArchitectureModel, TrialModel.arch_id == ArchitectureModel.arch_id
+        )
+        if not curves:
+            query = query.options(defer(TrialModel.curve, raiseload=True))
+        if states is not None:
+            query = query.where(TrialModel.state.in_(_states(states)))
+        with self._read() as s:
+            study_id = _study_id(s, study, self.url)
+            query = query.where(TrialModel.study_id == study_id).order_by(TrialModel.number)
+            return [_to_trial_row(row, study, summary, curve=curves) for row, summary in s.execute(query)]
+
+    # --- Pareto front --------------------------------------------------------------------------
+    def refresh_pareto(self, *, study: str, objectives: Sequence[ObjectiveLike] | None = None) -> list[TrialRow]:
+        """Recompute the study's front and store it in place of the old one; returns it.
+
+        Only complete, feasible trials with a finite value for every objective take part.
+        ``objectives`` defaults to the study's own (name and direction each).
+        """
+        with self._write() as s:
+            study_row = s.scalar(select(StudyModel).where(StudyModel.name == study).with_for_update())
+            if study_row is None:
+                raise StoreError(_no_study(s, study, self.url))
+            objs = _objectives(objectives if objectives is not None else study_row.objectives)
+            rows = s.execute(
+                select(TrialModel.id, TrialModel.objectives, TrialModel.constraints).where(
+                    TrialModel.study_id == study_row.id, TrialModel.state == "complete"
+                )
+            ).all()
+            ids, points = _candidates(rows, [o.name for o in objs])
+            front_ids = ids[non_dominated(points, [o.direction for o in objs])] if ids.size else ids
+            s.execute(delete(ParetoModel).where(ParetoModel.study_id == study_row.id))
+            now = utcnow()
+            if front_ids.size:
+                s.execute(
+                    ParetoModel.__table__.insert(),
+                    [{"study_id": study_row.id, "trial_id": int(t), "computed_at": now} for t in front_ids],
+                )
+            return _stored_front(s, study_row.id, study)  # in the same transaction: this refresh's
+
+    def pareto(self, *, study: str) -> list[TrialRow]:
+        """The front as last stored by :meth:`refresh_pareto`, by trial number."""
+        with self._read() as s:
+            return _stored_front(s, _study_id(s, study, self.url), study)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _refuse_missing_sqlite_file(url: str) -> None:
+    """Opening a missing SQLite file would create an empty one; without upgrade, say so instead."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return  # make_engine reports it
+    db = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not db.startswith("file:"):
+        if not Path(db).expanduser().exists():
+            where = safe_url(url)
+            raise StoreError(f"{where}: no such database file; run `nas db upgrade --db {where}` to create it")
+
+
+def _jsonable(value: Any) -> Any:
+    """The value as a reader will get it back: through the JSON columns' own serializer (numpy
+    made plain, NaN made null, tuples made lists), so the row a write returns equals a read."""
+    return None if value is None else json.loads(json_dumps(value))
+
+
+def _spread(
+    repeats: Sequence[float], median: float | None, p10: float | None, p90: float | None
+) -> tuple[float | None, float | None, float | None]:
+    if len(repeats):
+        values = np.asarray(repeats, dtype=float)
+        median = float(np.median(values)) if median is None else median
+        p10 = float(np.percentile(values, 10)) if p10 is None else p10
+        p90 = float(np.percentile(values, 90)) if p90 is None else p90
+    return median, p10, p90
+
+
+def _label_filter(labels: list[str]) -> Any:
+    exact = [x for x in labels if not x.endswith("*")]
+    prefixes = [x[:-1] for x in labels if x.endswith("*")]
+    clauses = [MeasurementModel.label.in_(exact)] if exact else []
+    clauses += [MeasurementModel.label.startswith(p, autoescape=True) for p in prefixes]
+    if not clauses:
+        return MeasurementModel.id.is_(None)  # no labels: nothing matches
+    return or_(*clauses)
+
+
+def _objectives(objectives: Sequence[ObjectiveLike]) -> list[Objective]:
+    out: list[Objective] = []
+    for o in objectives:
+        if isinstance(o, Objective):
+            obj = o
+        elif isinstance(o, Mapping):
+            obj = Objective(str(o.get("name", "")), str(o.get("direction", "")))
+        else:
+            name, direction = o
+            obj = Objective(str(name), str(direction))
+        if not obj.name:
+            raise StoreError(f"an objective needs a name, got {o!r}")
+        if obj.direction not in DIRECTIONS:
+            raise StoreError(f"objective {obj.name!r}: direction must be minimize or maximize, got {obj.direction!r}")
+        out.append(obj)
+    if not out:
+        raise StoreError("at least one objective is needed")
+    names = [o.name for o in out]
+    if len(set(names)) != len(names):
+        raise StoreError(f"objective names repeat: {names}")
+    return out
+
+
+def _states(states: Iterable[str]) -> list[str]:
+    wanted = list(states)
+    unknown = [x for x in wanted if x not in TRIAL_STATES]
+    if unknown:
+        raise StoreError(f"unknown trial state {unknown[0]!r}; states: {', '.join(TRIAL_STATES)}")
+    return wanted
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A finite int or float, numpy scalars included (they register as numbers.Real)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _constraints(constraints: Mapping[str, float] | None) -> dict[str, float | None] | None:
+    """Constraint values as floats; a non-finite one becomes None, which counts as violated
+    (JSON has no NaN or infinity)."""
+    if constraints is None:
+        return None
+    return {k: float(v) if _is_finite_number(v) else None for k, v in constraints.items()}
+
+
+def _candidates(rows: Sequence[Any], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Trial ids and their objective values, for the feasible trials with every value finite."""
+    ids: list[int] = []
+    points: list[list[float]] = []
+    for trial_id, objectives, constraints in rows:
+        if constraints and any(v is None or v > 0 for v in constraints.values()):
+            continue
+        objectives = objectives or {}
+        values = [objectives.get(n) for n in names]
+        if all(_is_finite_number(v) for v in values):
+            ids.append(trial_id)
+            points.append(values)  # type: ignore[arg-type]
+    return np.asarray(ids, dtype=np.int64), np.asarray(points, dtype=float).reshape(len(ids), len(names))
+
+
+def _no_study(s: Session, name: str, url: str) -> str:
+    known = list(s.scalars(select(StudyModel.name).order_by(StudyModel.name).limit(20)))
+    return f"no study named {name!r} in {safe_url(url)}; known: {', '.join(known) or 'none'}"
+
+
+def _study_id(s: Session, name: str, url: str) -> int:
+    study_id = s.scalar(select(StudyModel.id).where(StudyModel.name == name))
+    if study_id is None:
+        raise StoreError(_no_study(s, name, url))
+    return study_id
+
+
+def _require_architecture(s: Session, arch_id: str) -> None:
+    if s.get(ArchitectureModel, arch_id) is None:
+        raise StoreError(f"unknown architecture {arch_id!r}: store it with upsert_architecture(spec=...) first")
+
+
+def _running_trial(s: Session, study: str, number: int, url: str, verb: str) -> TrialModel:
+    study_id = _study_id(s, study, url)
+    row = s.scalar(
+        select(TrialModel).where(TrialModel.study_id == study_id, TrialModel.number == number).with_for_update()
+    )
+    if row is None:
+        raise StoreError(f"cannot {verb} trial {number} of study {study!r}: no such trial (start_trial first)")
+    if row.state != "running":
+        raise StoreError(f"cannot {verb} trial {number} of study {study!r}: it is {row.state}, not running")
+    return row
+
+
+def _link(
+    s: Session, row: TrialModel, *, arch_id: str | None, measurement_id: int | None, artifact_dir: str | None
+) -> None:
+    if arch_id is not None:
+        _require_architecture(s, arch_id)
+        row.arch_id = arch_id
+    if measurement_id is not None:
+        if s.get(MeasurementModel, measurement_id) is None:
+            raise StoreError(f"unknown measurement {measurement_id}")
+        row.measurement_id = measurement_id
+    if artifact_dir is not None:
+        row.artifact_dir = artifact_dir
+
+
+def _counts(s: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {i: dict.fromkeys(TRIAL_STATES, 0) for i in study_ids}
+    if not study_ids:
+        return counts
+    query = (
+        select(TrialModel.study_id, TrialModel.state, func.count())
+        .where(TrialModel.study_id.in_(study_ids))
+        .group_by(TrialModel.study_id, TrialModel.state)
+    )
+    for study_id, state, n in s.execute(query):
+        counts[study_id][state] = n
+    return counts
+
+
+def _architecture_row(row: ArchitectureModel) -> ArchitectureRow:
+    return ArchitectureRow(
+        arch_id=row.arch_id, spec=ArchSpec.from_json(row.spec), summary=row.summary, params=row.params,
+        non_embedding_params=row.non_embedding_params, created_at=as_utc(row.created_at),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _measurement_row(row: MeasurementModel) -> MeasurementRow:
+    return MeasurementRow(
+        id=row.id, arch_id=row.arch_id, profile=row.profile, bitwidth=row.bitwidth, label=row.label,
+        prefill_ms=row.prefill_ms, prefill_p10_ms=row.prefill_p10_ms, prefill_p90_ms=row.prefill_p90_ms,
+        prefill_repeats_ms=tuple(row.prefill_repeats_ms or ()),
+        decode_ms_per_token=row.decode_ms_per_token, decode_p10_ms=row.decode_p10_ms, decode_p90_ms=row.decode_p90_ms,
+        decode_repeats_ms=tuple(row.decode_repeats_ms or ()),
+        peak_memory_bytes=row.peak_memory_bytes, model_bytes=row.model_bytes,
+        workload=dict(row.workload or {}), provenance=dict(row.provenance or {}),
+        error=row.error, created_at=as_utc(row.created_at),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _study_row(row: StudyModel, counts: dict[str, int]) -> StudyRow:
+    return StudyRow(
+        id=row.id, name=row.name, optuna_study_id=row.optuna_study_id, space=row.space, profile=row.profile,
+        corpus_fingerprint=row.corpus_fingerprint, train_config=dict(row.train_config or {}),
+        objectives=tuple(Objective(o["name"], o["direction"]) for o in row.objectives), seed=row.seed,
+        code_version=row.code_version, created_at=as_utc(row.created_at),  # type: ignore[arg-type]
+        extra=dict(row.extra or {}), trial_counts=dict(counts) or dict.fromkeys(TRIAL_STATES, 0),
+    )  # fmt: skip
+
+
+def _stored_front(s: Session, study_id: int, study: str) -> list[TrialRow]:
+    query = (
+        select(TrialModel, ArchitectureModel.summary)
+        .join(ParetoModel, ParetoModel.trial_id == TrialModel.id)
+        .outerjoin(ArchitectureModel, TrialModel.arch_id == ArchitectureModel.arch_id)
+        .where(ParetoModel.study_id == study_id)
+        .order_by(TrialModel.number)
+    )
+    return [_to_trial_row(row, study, summary) for row, summary in s.execute(query)]
+
+
+def _trial_row(s: Session, row: TrialModel, study: str) -> TrialRow:
+    summary = None if row.arch_id is None else s.scalar(
+        select(ArchitectureModel.summary).where(ArchitectureModel.arch_id == row.arch_id)
+    )
+    return _to_trial_row(row, study, summary)
+
+
+def _to_trial_row(row: TrialModel, study: str, summary: str | None, *, curve: bool = True) -> TrialRow:
+    return TrialRow(
+        id=row.id, study_id=row.study_id, study=study, number=row.number, optuna_trial_id=row.optuna_trial_id,
+        arch_id=row.arch_id, arch_summary=summary, measurement_id=row.measurement_id, state=row.state,
+        failed_stage=row.failed_stage, failure_reason=row.failure_reason, val_bpb=row.val_bpb,
+        baselines=row.baselines, train=row.train, curve=row.curve if curve else None, objectives=row.objectives,
+        constraints=row.constraints, artifact_dir=row.artifact_dir, worker=row.worker,
+        started_at=as_utc(row.started_at),  # type: ignore[arg-type]
+        finished_at=as_utc(row.finished_at),
+    )  # fmt: skip

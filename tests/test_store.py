@@ -1,0 +1,596 @@
+"""The SQL store, on SQLite and on PostgreSQL: round trips, measurement reuse, the trial
+lifecycle, Pareto fronts, schema checks, Optuna's tables beside ours, and two processes writing
+at once.
+
+Every test gets its own database: a fresh SQLite file, or a fresh PostgreSQL database created
+through the server's ``postgres`` database and dropped afterwards. PostgreSQL is found at
+``NAS_TEST_PG_URL`` (default: the local server, user postgres); where it cannot be reached its
+cases are skipped, except under CI (``CI`` set), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from nas.arch import ArchSpec
+from nas.store import (
+    Objective,
+    Store,
+    StoreError,
+    _migrate,
+    check_schema,
+    current_revision,
+    default_db_url,
+    head_revision,
+    make_engine,
+    non_dominated,
+    schema_diff,
+    session_scope,
+    upgrade,
+)
+from nas.store.models import Base, StudyModel, TrialModel
+
+PG_ADMIN_URL = os.environ.get("NAS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+OBJECTIVES = [("val_bpb", "minimize"), ("decode_ms", "minimize")]
+
+
+# --- databases -------------------------------------------------------------------------------------
+def _pg_unreachable_reason() -> str | None:
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as e:  # any driver or network error means: no server for these tests
+        return f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()} is unreachable: {str(e).splitlines()[0]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Any]:
+    reason = _pg_unreachable_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: the PostgreSQL cases must run there)")
+        pytest.skip(reason)
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+def _fresh_pg_database(admin: Any) -> Iterator[str]:
+    name = f"nas_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """An empty database of each kind, this test's alone."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nas.db'}"
+    else:
+        yield from _fresh_pg_database(request.getfixturevalue("pg_admin"))
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store(db_url) as s:
+        yield s
+
+
+def spec(d_model: int = 128, n_layers: int = 2, bitwidth: int = 32, **kw: Any) -> ArchSpec:
+    return ArchSpec(vocab_size=512, d_model=d_model, n_layers=n_layers, n_heads=4, head_dim=32, bitwidth=bitwidth, **kw)
+
+
+def new_study(store: Store, name: str = "s", objectives: Any = OBJECTIVES) -> None:
+    store.create_study(name=name, space="tiny", profile="host", objectives=objectives)
+
+
+# --- engine and schema -----------------------------------------------------------------------------
+def test_sqlite_connections_use_wal_and_wait_for_the_lock(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60_000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+
+
+def test_default_db_url_is_nas_db_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_db_url() == f"sqlite:///{tmp_path / 'nas.db'}"
+
+
+def test_bad_urls_say_what_is_wrong(tmp_path):
+    with pytest.raises(StoreError, match="not a database URL"):
+        make_engine("no-such-scheme")
+    with pytest.raises(StoreError, match="does not exist"):
+        make_engine(f"sqlite:///{tmp_path / 'missing_dir' / 'nas.db'}")
+
+
+def test_the_store_imports_no_torch_onnxruntime_or_optuna():
+    code = "import sys, nas.store; print(sorted({'torch', 'onnxruntime', 'optuna'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_upgrade_is_idempotent_and_matches_the_models(db_url):
+    assert current_revision(db_url) is None
+    assert upgrade(db_url) == (None, head_revision())
+    assert upgrade(db_url) == (head_revision(), head_revision())
+    check_schema(db_url)
+    assert schema_diff(db_url) == []
+
+
+def test_an_empty_database_without_upgrade_names_the_command(db_url):
+    if db_url.startswith("sqlite"):
+        with pytest.raises(StoreError, match="no such database file; run `nas db upgrade --db sqlite:///"):
+            Store(db_url, upgrade=False)
+        create_engine(db_url).connect().close()  # an empty file: now the schema check speaks
+    with pytest.raises(StoreError, match=r"no nas tables yet; run `nas db upgrade --db .+`") as e:
+        Store(db_url, upgrade=False)
+    assert make_url(db_url).database in str(e.value)
+    with pytest.raises(StoreError, match="nas db upgrade"):
+        check_schema(db_url)
+    with Store(db_url) as s:  # upgrade=True creates the schema
+        assert s.list_studies() == []
+    Store(db_url, upgrade=False).close()
+
+
+def test_a_schema_behind_the_code_names_the_command(db_url, monkeypatch):
+    upgrade(db_url)
+    # Pretend this code carries a newer revision than the database's.
+    monkeypatch.setattr(_migrate, "head_revision", lambda: "0099")
+    monkeypatch.setattr(_migrate, "known_revisions", lambda: {"0001", "0099"})
+    with pytest.raises(StoreError, match=r"revision 0001, behind this nas \(0099\); run `nas db upgrade --db .+`"):
+        Store(db_url, upgrade=False)
+
+
+def test_a_schema_newer_than_the_code_asks_for_a_newer_nas(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE nas_alembic_version SET version_num = 'ffff'"))
+    engine.dispose()
+    for flag in (True, False):
+        with pytest.raises(StoreError, match=r"newer than this nas knows .* upgrade the nas package"):
+            Store(db_url, upgrade=flag)
+
+
+@pytest.mark.parametrize("order", ["optuna_first", "nas_first"])
+def test_optuna_tables_and_ours_share_one_database(db_url, order):
+    import optuna
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def optuna_side() -> None:
+        storage = optuna.storages.RDBStorage(db_url)
+        study = optuna.create_study(storage=storage, study_name=f"o_{order}", directions=["minimize", "minimize"])
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+        storage.engine.dispose()
+
+    if order == "optuna_first":
+        optuna_side()
+        upgrade(db_url)
+        upgrade(db_url)
+    else:
+        upgrade(db_url)
+        upgrade(db_url)
+        optuna_side()
+
+    engine = make_engine(db_url)
+    tables = set(inspect(engine).get_table_names())
+    assert {"studies", "trials", "trial_values", "alembic_version"} <= tables
+    assert set(Base.metadata.tables) | {"nas_alembic_version"} <= tables
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM nas_alembic_version")).scalar() == head_revision()
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() != head_revision()
+        # Our comparison sees only nas_* tables and finds the migrations equal to the models ...
+        assert schema_diff(db_url) == []
+        # ... while an unfiltered one would propose dropping Optuna's tables: the filter matters.
+        unfiltered = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert any(d[0] == "remove_table" and d[1].name == "studies" for d in unfiltered)
+    engine.dispose()
+
+    with Store(db_url) as s:
+        storage = optuna.storages.RDBStorage(db_url)
+        optuna_id = storage.get_study_id_from_name(f"o_{order}")
+        storage.engine.dispose()
+        s.create_study(name="linked", space="tiny", profile="host", objectives=OBJECTIVES, optuna_study_id=optuna_id)
+        assert s.get_study(name="linked").optuna_study_id == optuna_id
+    assert len(optuna.load_study(study_name=f"o_{order}", storage=db_url).trials) == 2
+
+
+# --- sessions --------------------------------------------------------------------------------------
+def test_the_session_helper_commits_rolls_back_and_wraps_driver_errors(store, db_url):
+    engine = make_engine(db_url)
+    row = {"space": "tiny", "profile": "host", "objectives": [], "train_config": {}, "extra": {}}
+    with session_scope(engine) as s:
+        s.add(StudyModel(name="kept", **row))
+    with pytest.raises(ValueError), session_scope(engine) as s:
+        s.add(StudyModel(name="dropped", **row))
+        s.flush()
+        raise ValueError("boom")
+    with pytest.raises(StoreError, match="a constraint was broken"), session_scope(engine) as s:
+        s.add(StudyModel(name="kept", **row))
+    with session_scope(engine) as s:
+        assert sorted(s.scalars(text("SELECT name FROM nas_studies"))) == ["kept"]
+    engine.dispose()
+
+
+# --- architectures and measurements ----------------------------------------------------------------
+def test_architecture_round_trip_and_upsert_is_idempotent(store):
+    s1 = spec(attention="gqa", n_kv_heads=2, tied_embeddings=True, bitwidth=8)
+    row = store.upsert_architecture(spec=s1)
+    assert row.arch_id == s1.arch_id and len(row.arch_id) == 16
+    assert row.spec == s1 and row.summary == s1.summary()
+    assert (row.params, row.non_embedding_params) == (s1.params(), s1.non_embedding_params())
+    assert row.created_at.tzinfo is not None
+    assert store.upsert_architecture(spec=s1) == row
+    assert store.get_architecture(arch_id=s1.arch_id) == row
+    assert store.find_architecture(arch_id="0" * 16) is None
+    with pytest.raises(StoreError, match="no architecture"):
+        store.get_architecture(arch_id="0" * 16)
+
+
+def test_measurement_round_trip_keeps_spread_repeats_and_provenance(store):
+    a = store.upsert_architecture(spec=spec()).arch_id
+    workload = {"prompt_tokens": 128, "context_tokens": 256, "batch": 1, "warmup": 3, "repeats": 5}
+    provenance = {"cpu": "AMD EPYC", "threads": 2, "provider": "CPUExecutionProvider", "versions": {"ort": "1.32"}}
+    m = store.add_measurement(
+        arch_id=a, profile="host", bitwidth=32, label="measured:local",
+        prefill_repeats_ms=[10.0, 12.0, 11.0, 30.0, 10.5], decode_repeats_ms=np.array([1.0, 1.1, 0.9, 1.2, 1.0]),
+        peak_memory_bytes=3 * 2**30, model_bytes=12_345_678, workload=workload, provenance=provenance,
+    )  # fmt: skip
+    assert m.ok and m.measured and m.error is None
+    assert m.prefill_ms == 11.0 and m.decode_ms_per_token == 1.0
+    assert m.prefill_p10_ms == pytest.approx(np.percentile([10, 12, 11, 30, 10.5], 10))
+    assert m.decode_p90_ms == pytest.approx(np.percentile([1.0, 1.1, 0.9, 1.2, 1.0], 90))
+    assert m.prefill_repeats_ms == (10.0, 12.0, 11.0, 30.0, 10.5)
+    assert m.peak_memory_bytes == 3 * 2**30  # above 2**31: a BIGINT
+    assert store.get_measurement(id=m.id) == m
+    assert store.measurements(arch_id=a) == [m]
+
+    explicit = store.add_measurement(
+        arch_id=a, profile="jetson", bitwidth=32, label="estimated:roofline", prefill_ms=5.0, decode_ms_per_token=0.5
+    )
+    assert explicit.prefill_repeats_ms == () and explicit.prefill_p10_ms is None and not explicit.measured
+
+
+def test_measurement_values_are_checked(store):
+    a = store.upsert_architecture(spec=spec()).arch_id
+    with pytest.raises(StoreError, match="needs prefill_ms and decode_ms_per_token"):
+        store.add_measurement(arch_id=a, profile="host", bitwidth=32, label="measured:local", prefill_ms=1.0)
+    with pytest.raises(StoreError, match="prefill_ms must be a finite number"):
+        store.add_measurement(
+            arch_id=a, profile="host", bitwidth=32, label="measured:local", prefill_ms=math.nan, decode_ms_per_token=1
+        )
+    with pytest.raises(StoreError, match="label 'local'"):
+        store.add_measurement(arch_id=a, profile="host", bitwidth=32, label="local", error="x")
+    with pytest.raises(StoreError, match="upsert_architecture"):
+        store.add_measurement(arch_id="f" * 16, profile="host", bitwidth=32, label="measured:local", error="x")
+
+
+def test_reuse_picks_the_latest_successful_measurement(store):
+    a = store.upsert_architecture(spec=spec()).arch_id
+    key = {"arch_id": a, "profile": "host", "bitwidth": 32}
+    assert store.find_measurement(**key) is None
+    old = store.add_measurement(**key, label="measured:local", prefill_ms=2.0, decode_ms_per_token=0.2)
+    node = store.add_measurement(**key, label="measured:node-7", prefill_ms=3.0, decode_ms_per_token=0.3)
+    est = store.add_measurement(**key, label="estimated:roofline", prefill_ms=4.0, decode_ms_per_token=0.4)
+    failed = store.add_measurement(**key, label="measured:local", error="onnxruntime: out of memory")
+    assert not failed.ok and failed.prefill_ms is None
+    assert store.find_measurement(**key) == est  # the newest that succeeded; the failure never counts
+    assert store.find_measurement(**key, labels=["measured:*"]) == node
+    assert store.find_measurement(**key, labels=["measured:local"]) == old
+    assert store.find_measurement(**key, labels=["measured:local", "estimated:roofline"]) == est
+    assert store.find_measurement(**key, labels=[]) is None
+    # Other keys miss.
+    assert store.find_measurement(arch_id=a, profile="jetson", bitwidth=32) is None
+    assert store.find_measurement(arch_id=a, profile="host", bitwidth=8) is None
+    # A workload filter skips rows taken with another workload.
+    w = {"prompt_tokens": 64}
+    taken = store.add_measurement(**key, label="measured:local", prefill_ms=9.0, decode_ms_per_token=0.9, workload=w)
+    assert store.find_measurement(**key, workload=w) == taken
+    assert store.find_measurement(**key, workload={"prompt_tokens": 32}) is None
+    assert len(store.measurements(arch_id=a)) == 5
+
+
+# --- studies ---------------------------------------------------------------------------------------
+def test_study_round_trip_and_finders(store):
+    assert store.list_studies() == []
+    assert store.find_study(name="s1") is None
+    with pytest.raises(StoreError, match=r"no study named 's1' .*; known: none"):
+        store.get_study(name="s1")
+
+    class Cfg:  # stands in for the pydantic TrainConfig
+        def model_dump(self, mode: str) -> dict[str, Any]:
+            return {"tokens": 300_000, "lr": 3e-3}
+
+    created = store.create_study(
+        name="s1", space="gqa_small", profile="jetson", objectives=[Objective("val_bpb", "minimize"),
+        {"name": "tokens_per_s", "direction": "maximize"}], optuna_study_id=7, corpus_fingerprint="abc123",
+        train_config=Cfg(), seed=3, code_version="0.1.0+g1234", extra={"note": "first"},
+    )  # fmt: skip
+    assert created.objectives == (Objective("val_bpb", "minimize"), Objective("tokens_per_s", "maximize"))
+    assert created.train_config == {"tokens": 300_000, "lr": 3e-3}
+    assert created.trial_counts == {"running": 0, "complete": 0, "failed": 0, "infeasible": 0}
+    assert store.get_study(name="s1") == created == store.find_study(name="s1")
+    with pytest.raises(StoreError, match="already exists"):
+        new_study(store, "s1")
+    with pytest.raises(StoreError, match="direction must be minimize or maximize"):
+        store.create_study(name="s2", space="tiny", profile="host", objectives=[("x", "lower")])
+    new_study(store, "s2")
+    with pytest.raises(StoreError, match=r"no study named 'nope' .*; known: s1, s2"):
+        store.get_study(name="nope")
+    for n in range(3):
+        store.start_trial(study="s2", number=n)
+    store.fail_trial(study="s2", number=0, stage="train", reason="loss became NaN")
+    listed = store.list_studies()
+    assert [x.name for x in listed] == ["s1", "s2"]
+    assert listed[1].trial_counts == {"running": 2, "complete": 0, "failed": 1, "infeasible": 0}
+    assert listed[1].n_trials == 3 and listed[0].n_trials == 0
+
+    store.delete_study(name="s2")
+    assert [x.name for x in store.list_studies()] == ["s1"]
+
+
+# --- trials ----------------------------------------------------------------------------------------
+def test_trial_lifecycle(store):
+    new_study(store)
+    arch = store.upsert_architecture(spec=spec())
+    m = store.add_measurement(
+        arch_id=arch.arch_id, profile="host", bitwidth=32, label="measured:local", prefill_ms=1, decode_ms_per_token=2
+    )
+
+    t = store.start_trial(study="s", number=0, optuna_trial_id=100, worker="host:123")
+    assert (t.state, t.arch_id, t.finished_at, t.seconds, t.worker) == ("running", None, None, None, "host:123")
+    t = store.update_trial(study="s", number=0, arch_id=arch.arch_id, measurement_id=m.id)
+    assert t.arch_summary == arch.summary and t.measurement_id == m.id and t.optuna_trial_id == 100
+    curve = [{"step": i, "tokens": 4096 * i, "loss": 5.0 - i / 10} for i in range(5)]
+    done = store.finish_trial(
+        study="s", number=0, val_bpb=1.9, objectives={"val_bpb": 1.9, "decode_ms": 2.0}, constraints={"mem": -1.0},
+        train={"steps": 5, "tokens": 20480, "seconds": 3.5, "tokens_per_s": 5851.4, "final_loss": 4.6},
+        curve=curve, baselines={"unigram_bpb": 3.1, "bigram_bpb": 2.4}, artifact_dir="/tmp/runs/s/0",
+    )  # fmt: skip
+    assert done.state == "complete" and done.feasible and done.seconds is not None and done.seconds >= 0
+    assert done.curve == curve and done.train["tokens_per_s"] == 5851.4
+    assert store.get_trial(study="s", number=0) == done
+    assert store.trials(study="s")[0].curve is None  # lists leave curves out unless asked
+    assert store.trials(study="s", curves=True)[0] == done
+
+    store.start_trial(study="s", number=1)
+    failed = store.fail_trial(study="s", number=1, stage="export", reason="dynamo export failed: x")
+    assert (failed.state, failed.failed_stage, failed.failure_reason) == ("failed", "export", "dynamo export failed: x")
+
+    store.start_trial(study="s", number=2)
+    inf = store.mark_infeasible(
+        study="s", number=2, stage="analytic", reason="weight bytes 90 MB > budget 64 MB", constraints={"weights": 26e6}
+    )
+    assert inf.state == "infeasible" and not inf.feasible and inf.failed_stage == "analytic"
+
+    store.start_trial(study="s", number=3)
+    assert [t.number for t in store.trials(study="s")] == [0, 1, 2, 3]
+    assert [t.number for t in store.trials(study="s", states=["failed", "infeasible"])] == [1, 2]
+    assert [t.number for t in store.trials(study="s", states=["running"])] == [3]
+    assert store.find_trial(study="s", number=9) is None
+
+    # Transitions only out of "running", and each one says why not.
+    with pytest.raises(StoreError, match="it is complete, not running"):
+        store.fail_trial(study="s", number=0, stage="x", reason="y")
+    with pytest.raises(StoreError, match="no such trial"):
+        store.finish_trial(study="s", number=9, objectives={"val_bpb": 1, "decode_ms": 1})
+    with pytest.raises(StoreError, match="already exists"):
+        store.start_trial(study="s", number=3)
+    with pytest.raises(StoreError, match="objective 'decode_ms' has no value"):
+        store.finish_trial(study="s", number=3, objectives={"val_bpb": 1.0})
+    with pytest.raises(StoreError, match="objective 'val_bpb' is nan"):
+        store.finish_trial(study="s", number=3, objectives={"val_bpb": math.nan, "decode_ms": 1.0})
+    with pytest.raises(StoreError, match="upsert_architecture"):
+        store.update_trial(study="s", number=3, arch_id="0" * 16)
+    with pytest.raises(StoreError, match="no study named 'other'"):
+        store.start_trial(study="other", number=0)
+    with pytest.raises(StoreError, match="unknown trial state 'done'"):
+        store.trials(study="s", states=["done"])
+    assert store.get_trial(study="s", number=3).state == "running"  # the refused calls changed nothing
+
+
+# --- Pareto fronts ---------------------------------------------------------------------------------
+def _brute_force_front(points: np.ndarray) -> np.ndarray:
+    le = np.all(points[:, None, :] <= points[None, :, :], axis=2)
+    lt = np.any(points[:, None, :] < points[None, :, :], axis=2)
+    return ~np.any(le & lt, axis=0)  # j is dominated if some i is <= everywhere and < somewhere
+
+
+def test_non_dominated_on_a_hand_example_with_ties():
+    pts = [
+        (1.0, 5.0),  # front
+        (2.0, 3.0),  # front
+        (2.0, 3.0),  # front: equal points do not dominate each other
+        (2.0, 4.0),  # dominated by (2, 3): same first value, worse second
+        (3.0, 3.0),  # dominated by (2, 3): worse first value, same second
+        (4.0, 1.0),  # front
+        (5.0, 1.0),  # dominated by (4, 1)
+        (0.5, 9.0),  # front
+    ]
+    assert non_dominated(pts, ["minimize", "minimize"]).tolist() == [1, 1, 1, 0, 0, 1, 0, 1]
+    # Maximizing the second objective turns the picture over.
+    assert non_dominated(pts, ["minimize", "maximize"]).tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert non_dominated([(3.0,), (1.0,), (1.0,)], ["minimize"]).tolist() == [0, 1, 1]
+    assert non_dominated(np.zeros((0, 2)), ["minimize", "minimize"]).tolist() == []
+
+
+@pytest.mark.parametrize("ties", [True, False])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_non_dominated_matches_brute_force(k, ties):
+    rng = np.random.default_rng(k)
+    pts = rng.integers(0, 6, size=(300, k)).astype(float) if ties else rng.normal(size=(400, k))
+    assert (non_dominated(pts, ["minimize"] * k) == _brute_force_front(pts)).all()
+    flipped = non_dominated(pts, ["maximize"] + ["minimize"] * (k - 1))
+    assert (flipped == _brute_force_front(pts * np.array([-1.0] + [1.0] * (k - 1)))).all()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_non_dominated_keeps_every_point_of_a_full_front(k):
+    # Its speed on 10,000 trials is a benchmark's business (timed tests are noisy here).
+    rng = np.random.default_rng(0)
+    pts = rng.random((10_000, k))
+    pts[:, -1] = 1 - pts[:, :-1].sum(axis=1)  # on a plane sloping down: nothing dominates anything
+    assert non_dominated(pts, ["minimize"] * k).all()
+
+
+def test_pareto_counts_only_complete_feasible_trials(store):
+    new_study(store)
+    # number: (state, val_bpb, decode_ms, constraints)
+    plan = {
+        0: ("complete", 1.0, 5.0, None),  # front
+        1: ("complete", 2.0, 3.0, {"mem": 0.0}),  # front (0 satisfies a constraint)
+        2: ("complete", 2.0, 3.0, {"mem": -5.0}),  # front: tie with 1
+        3: ("complete", 2.0, 4.0, None),  # dominated by 1 and 2
+        4: ("complete", 4.0, 1.0, None),  # front
+        5: ("complete", 0.1, 0.1, {"mem": 1.0}),  # would dominate all, but infeasible
+        6: ("infeasible", 0.1, 0.1, None),
+        7: ("failed", 0.1, 0.1, None),
+        8: ("running", 0.1, 0.1, None),
+        9: ("complete", 5.0, 1.0, None),  # dominated by 4
+        11: ("complete", np.float32(0.2), 0.2, {"mem": math.nan}),  # a NaN constraint is not satisfied
+    }
+    for n, (state, bpb, ms, cons) in plan.items():
+        store.start_trial(study="s", number=n)
+        if state == "complete":
+            store.finish_trial(study="s", number=n, objectives={"val_bpb": bpb, "decode_ms": ms}, constraints=cons)
+        elif state == "infeasible":
+            store.mark_infeasible(study="s", number=n, stage="analytic", reason="over budget", constraints={"m": 1})
+        elif state == "failed":
+            store.fail_trial(study="s", number=n, stage="train", reason="x")
+    assert store.pareto(study="s") == []  # nothing stored before the first refresh
+    front = store.refresh_pareto(study="s")
+    assert [t.number for t in front] == [0, 1, 2, 4]
+    assert store.pareto(study="s") == front
+    # Objectives given explicitly override the study's: one, maximized, leaves the largest alone.
+    assert [t.number for t in store.refresh_pareto(study="s", objectives=[("decode_ms", "maximize")])] == [0]
+    # A refresh replaces the stored front.
+    assert [t.number for t in store.refresh_pareto(study="s")] == [0, 1, 2, 4]
+    store.start_trial(study="s", number=10)
+    store.finish_trial(study="s", number=10, objectives={"val_bpb": 0.5, "decode_ms": 0.5})
+    assert [t.number for t in store.refresh_pareto(study="s")] == [10]
+    assert [t.number for t in store.pareto(study="s")] == [10]
+
+
+def test_pareto_of_10k_trials_is_the_front_of_the_feasible_ones(store, db_url):
+    new_study(store)
+    rng = random.Random(0)
+    rows = []
+    for n in range(10_000):
+        bpb, ms = rng.uniform(1, 3), rng.lognormvariate(0, 1)
+        feasible = rng.random() > 0.1
+        rows.append({
+            "number": n, "state": "complete", "objectives": {"val_bpb": bpb, "decode_ms": ms},
+            "constraints": {"mem": -1.0 if feasible else 1.0}, "curve": [[i, 5 - i / 10] for i in range(20)],
+        })  # fmt: skip
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:  # bulk insert: 10k start/finish calls would take far longer
+        study_id = s.scalar(text("SELECT id FROM nas_studies WHERE name = 's'"))
+        s.execute(TrialModel.__table__.insert(), [{"study_id": study_id, **r} for r in rows])
+    engine.dispose()
+
+    # Correctness at scale; the time it takes is measured by the store-scale benchmark, not here.
+    points = np.array([[r["objectives"]["val_bpb"], r["objectives"]["decode_ms"]] for r in rows])
+    front = store.refresh_pareto(study="s")
+    listed = store.trials(study="s", states=["complete"])
+    feasible = np.array([r["constraints"]["mem"] <= 0 for r in rows])
+    expected = np.flatnonzero(non_dominated(points[feasible], ["minimize", "minimize"]))
+    assert [t.number for t in front] == np.flatnonzero(feasible)[expected].tolist()
+    assert len(listed) == 10_000
+
+
+# --- two processes -------------------------------------------------------------------------------
+N_PER_WORKER = 50
+
+
+def _worker(url: str, index: int, n_workers: int, barrier: Any, results: Any) -> None:
+    """One search worker: open the store (upgrading a fresh database at the same moment as the
+    other), then start and finish N_PER_WORKER trials of one shared study, each call its own
+    short transaction, refreshing the front now and then."""
+    try:
+        barrier.wait(timeout=60)
+        t0 = time.perf_counter()
+        store = Store(url)  # both upgrade the fresh database at once: one creates, one finds it done
+        barrier.wait(timeout=60)
+        if index == 0:
+            new_study(store)
+        barrier.wait(timeout=60)
+        arch = store.upsert_architecture(spec=spec()).arch_id  # the same spec from both: no conflict
+        t1 = time.perf_counter()
+        for i in range(N_PER_WORKER):
+            number = i * n_workers + index
+            store.start_trial(study="s", number=number, arch_id=arch, worker=f"w{index}")
+            store.finish_trial(study="s", number=number, objectives={"val_bpb": random.random(), "decode_ms": i})
+            if i % 10 == 9:
+                store.refresh_pareto(study="s")
+        results.put((index, "ok", t1 - t0, time.perf_counter() - t1))
+        store.close()
+    except BaseException as e:
+        barrier.abort()  # the other worker stops waiting and reports too
+        results.put((index, "error", repr(e), 0.0))
+        raise
+
+
+def test_two_processes_write_one_database_at_once(db_url):
+    ctx = multiprocessing.get_context("spawn")
+    n = 2
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(db_url, i, n, barrier, results)) for i in range(n)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    wall = time.perf_counter() - t0
+    errors = [o for o in outcomes if o[1] != "ok"]
+    assert not errors, errors
+    assert [p.exitcode for p in procs] == [0] * n
+    writes = n * N_PER_WORKER * 2
+    slowest = max(o[3] for o in outcomes)
+    print(f"\n{make_url(db_url).get_backend_name()}: {n} processes x {N_PER_WORKER} trials "
+          f"({writes} write transactions + {n * N_PER_WORKER // 10} refreshes) in {slowest:.2f} s of writing "
+          f"({writes / slowest:.0f} writes/s), open+upgrade {max(o[2] for o in outcomes):.2f} s, "
+          f"wall {wall:.1f} s")  # fmt: skip
+    with Store(db_url) as s:
+        trials = s.trials(study="s")
+        assert sorted(t.number for t in trials) == list(range(n * N_PER_WORKER))
+        assert {t.state for t in trials} == {"complete"}
+        assert {t.worker for t in trials} == {f"w{i}" for i in range(n)}
+        assert s.get_study(name="s").trial_counts["complete"] == n * N_PER_WORKER
+        assert len(s.refresh_pareto(study="s")) >= 1
+
+
+def test_timestamps_are_utc(store):
+    new_study(store)
+    t = store.start_trial(study="s", number=0)
+    assert t.started_at.utcoffset() == timedelta(0)
