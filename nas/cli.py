@@ -475,6 +475,280 @@ def calibrate(
     console.print(table)
 
 
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default: sqlite:///nas.db in the working "
+                                                        "directory; postgresql://... for several workers).")]
+
+
+def _db(url: str | None) -> str:
+    from nas.store import default_db_url
+
+    return url or default_db_url()
+
+
+def _parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1h30m' or plain seconds -> seconds."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise NasError(f"--time {text!r}: give a duration like 90s, 30m, 2h or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+class _RichEvents:
+    """The search's progress, drawn with rich: trials done, the current trial's stage and
+    training step, one line per finished trial."""
+
+    def __init__(self, progress, total: int | None) -> None:
+        self.p = progress
+        self.trials = progress.add_task("trials", total=total, info="")
+        self.current = progress.add_task("trial", total=None, info="")
+        self.finished = 0
+
+    def message(self, text: str) -> None:
+        self.p.console.print(f"[dim]{text}[/dim]")
+
+    def trial_started(self, number: int) -> None:
+        self.p.update(self.current, description=f"trial {number}", completed=0, total=None, info="sampling")
+
+    def stage(self, number: int, stage: str, detail: str) -> None:
+        self.p.update(self.current, info=f"{stage}: {detail}" if detail else stage)
+
+    def train_progress(self, number: int, step: int, total: int, loss: float) -> None:
+        self.p.update(self.current, completed=step, total=total, info=f"train: loss {loss:.3f}")
+
+    def trial_finished(self, number: int, state: str, summary: str) -> None:
+        colour = {"complete": "green", "infeasible": "yellow", "failed": "red", "invalid": "dim"}[state]
+        self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {summary}", highlight=False)
+        if state != "invalid":
+            self.finished += 1
+            self.p.update(self.trials, completed=self.finished)
+
+
+@app.command()
+def search(
+    space: SpaceOpt = "gqa_small",
+    device: DeviceOpt = "jetson",
+    trials: Annotated[int | None, typer.Option(help="Stop after this many trials (sampling rejects not counted).",
+                                               min=1)] = None,
+    time_budget: Annotated[str | None, typer.Option("--time", help="Stop starting trials after this long: "
+                                                    "90s, 30m, 2h, 1h30m.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: SPACE-DEVICE). The same name resumes "
+                                              "the study.")] = None,
+    db: DbOpt = None,
+    data: Annotated[str | None, typer.Option(help="Corpus: a .txt/.md/.jsonl file or folder (default: the "
+                                             "Python standard library's source).")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="Use a deterministic subset of the corpus of about this "
+                                                  "many bytes.")] = None,
+    objectives: Annotated[str, typer.Option(help="Comma-separated, all minimized: val_bpb, decode_ms, "
+                                            "prefill_ms, peak_memory_mb, model_mb, params.")] = "val_bpb,decode_ms",
+    sampler: Annotated[str, typer.Option(help="tpe (default: multivariate TPE, good with categorical and "
+                                         "conditional dimensions), nsga2, gp, random.")] = "tpe",
+    seed: SeedOpt = 0,
+    tokens: Annotated[int | None, typer.Option(help="Training budget per trial in tokens (default: the "
+                                               "space's).")] = None,
+    artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
+    = Path("nas_artifacts"),
+    require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
+                                                   "measures.")] = False,
+    torch_device: Annotated[str, typer.Option(help="torch device for training: cpu, cuda.")] = "cpu",
+) -> None:
+    """Search a space for the architectures that are best on a device: the Pareto front of quality
+    (validation BPB of the quantized model) against latency, under the profile's budgets.
+
+    Each trial: sample, analytic budget check, export + quantize + measure (or estimate), brief
+    training, BPB of the quantized model in ONNX Runtime. Infeasible architectures are rejected
+    before they are trained. Results go to --db; re-running with the same --study resumes.
+    Ctrl-C stops after recording the running trial (it is tried again on resume).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nas.search import Search, SearchConfig
+
+    if trials is None and time_budget is None:
+        trials = 20
+    timeout = _parse_duration(time_budget) if time_budget else None
+    objective_names = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    sp_train = None
+    if tokens is not None:
+        from nas.space import load_space
+
+        sp_train = load_space(space).training.model_copy(update={"tokens": tokens})
+    name = study or f"{Path(space).stem}-{Path(device).stem}"
+    cfg = SearchConfig(study=name, space=space, device=device, db_url=_db(db), objectives=objective_names,
+                       sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
+                       artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
+        events = _RichEvents(progress, trials)
+        s = Search(cfg, events)
+        events.message(f"study {name} on {cfg.db_url}")
+        try:
+            counts = s.run(n_trials=trials, timeout_s=timeout)
+        except KeyboardInterrupt:
+            progress.stop()
+            err_console.print(f"interrupted: finished trials are recorded; resume with the same command "
+                              f"(--study {name})")
+            raise typer.Exit(130) from None
+        finally:
+            s.close()
+    console.print(f"done: {counts['complete']} complete, {counts['infeasible']} infeasible, {counts['failed']} "
+                  f"failed, {counts['invalid']} invalid draws")
+    _print_pareto(cfg.db_url, name, as_json=False)
+
+
+def _trial_figures(store, trial) -> dict:
+    m = store.get_measurement(id=trial.measurement_id) if trial.measurement_id else None
+    return {
+        "number": trial.number, "state": trial.state, "arch_id": trial.arch_id, "architecture": trial.arch_summary,
+        "params": store.get_architecture(arch_id=trial.arch_id).params if trial.arch_id else None,
+        "val_bpb": trial.val_bpb, "objectives": trial.objectives, "constraints": trial.constraints,
+        "feasible": {"complete": trial.feasible, "infeasible": False}.get(trial.state),
+        "label": m.label if m else None,
+        "decode_ms": m.decode_ms_per_token if m else None, "prefill_ms": m.prefill_ms if m else None,
+        "peak_memory_mb": m.peak_memory_bytes / 2**20 if m and m.peak_memory_bytes else None,
+        "model_mb": m.model_bytes / 2**20 if m and m.model_bytes else None,
+        "failed_stage": trial.failed_stage, "failure_reason": trial.failure_reason,
+        "seconds": trial.seconds, "artifact_dir": trial.artifact_dir,
+    }
+
+
+def _open_store(db: str):
+    from nas.store import Store
+
+    return Store(db, upgrade=False)
+
+
+def _print_pareto(db: str, study: str, as_json: bool) -> None:
+    with _open_store(db) as store:
+        st = store.get_study(name=study)
+        front = store.pareto(study=study)
+        rows = [_trial_figures(store, t) for t in front]
+    if as_json:
+        print(json.dumps({"study": study, "objectives": [o.to_dict() for o in st.objectives], "front": rows},
+                         indent=2, default=str))
+        return
+    table = Table(title=f"Pareto front of {study}: {len(rows)} of {st.n_trials} trials "
+                        f"({st.space} on {st.profile})",
+                  caption="objectives: " + ", ".join(f"{o.name} ({o.direction})" for o in st.objectives)
+                  + "; latency and memory labelled with where they came from")
+    for col in ("#", "architecture", "params", "BPB", "decode ms/tok", "prefill ms", "memory MiB", "size MiB",
+                "label"):
+        table.add_column(col, justify="left" if col in ("architecture", "label") else "right", overflow="fold")
+    for r in sorted(rows, key=lambda r: (r["val_bpb"] is None, r["val_bpb"])):
+        table.add_row(str(r["number"]), r["architecture"] or "", _fmt_count(r["params"] or 0),
+                      f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "",
+                      f"{r['decode_ms']:.3f}" if r["decode_ms"] is not None else "",
+                      f"{r['prefill_ms']:.2f}" if r["prefill_ms"] is not None else "",
+                      f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "",
+                      f"{r['model_mb']:.1f}" if r["model_mb"] is not None else "", r["label"] or "")
+    console.print(table)
+
+
+@app.command()
+def studies(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List the studies in the database with their trials by state."""
+    with _open_store(_db(db)) as store:
+        rows = store.list_studies()
+        fronts = {s.name: len(store.pareto(study=s.name)) for s in rows}
+    if as_json:
+        print(json.dumps([{"name": s.name, "space": s.space, "profile": s.profile, "trials": s.trial_counts,
+                           "front": fronts[s.name], "objectives": [o.to_dict() for o in s.objectives],
+                           "created_at": s.created_at.isoformat(), "code_version": s.code_version} for s in rows],
+                         indent=2))
+        return
+    table = Table(title=f"Studies in {_db(db)}")
+    for col in ("study", "space", "device", "complete", "infeasible", "failed", "running", "front", "created"):
+        table.add_column(col)
+    for s in rows:
+        c = s.trial_counts
+        table.add_row(s.name, s.space, s.profile, str(c.get("complete", 0)), str(c.get("infeasible", 0)),
+                      str(c.get("failed", 0)), str(c.get("running", 0)), str(fronts[s.name]),
+                      s.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@app.command()
+def pareto(study: Annotated[str, typer.Argument(help="Study name (see `nas studies`).")], db: DbOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """The study's Pareto front: architecture, params, BPB, latencies with their labels, memory, size."""
+    _print_pareto(_db(db), study, as_json)
+
+
+@app.command()
+def show(study: Annotated[str, typer.Argument(help="Study name.")],
+         trial: Annotated[int, typer.Argument(help="Trial number.")], db: DbOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """One trial: its spec, measurement with provenance, training, score, and why it failed if it did."""
+    with _open_store(_db(db)) as store:
+        t = store.get_trial(study=study, number=trial)
+        figures = _trial_figures(store, t)
+        spec = store.get_architecture(arch_id=t.arch_id).spec if t.arch_id else None
+        m = store.get_measurement(id=t.measurement_id) if t.measurement_id else None
+        full = store.trials(study=study, curves=True)
+    curve = next((x.curve for x in full if x.number == trial), None)
+    if as_json:
+        print(json.dumps({**figures, "spec": spec.to_dict() if spec else None, "train": t.train,
+                          "baselines": t.baselines, "curve": curve,
+                          "measurement": {"workload": m.workload, "provenance": m.provenance,
+                                          "decode_p10_ms": m.decode_p10_ms, "decode_p90_ms": m.decode_p90_ms,
+                                          "prefill_p10_ms": m.prefill_p10_ms, "prefill_p90_ms": m.prefill_p90_ms}
+                          if m else None}, indent=2, default=str))
+        return
+    table = Table(title=f"{study} trial {trial}: {t.state}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    if t.failure_reason:
+        table.add_row("why", f"[red]{t.failed_stage}: {t.failure_reason}[/red]")
+    if spec:
+        table.add_row("architecture", f"{spec.summary()} ({spec.arch_id})")
+        table.add_row("params", f"{spec.params():,} ({spec.non_embedding_params():,} non-embedding)")
+    if t.val_bpb is not None:
+        b = t.baselines or {}
+        table.add_row("validation BPB", f"{t.val_bpb:.4f} (bigram {b.get('bigram_bpb', float('nan')):.4f}, "
+                                        f"unigram {b.get('unigram_bpb', float('nan')):.4f})")
+    if t.train:
+        tr = t.train
+        table.add_row("training", f"{tr['tokens']:,} tokens, {tr['steps']} steps, {tr['seconds']} s "
+                                  f"({tr['tokens_per_s']:,.0f} tok/s), final loss {tr['final_loss']:.4f}")
+    if curve:
+        table.add_row("loss curve", "  ".join(f"{p[0]}:{p[2]:.2f}" for p in curve[:: max(1, len(curve) // 8)]))
+    if m:
+        table.add_row("decode", f"{m.decode_ms_per_token:.3f} ms/token (p10 {m.decode_p10_ms:.3f}, p90 "
+                                f"{m.decode_p90_ms:.3f}) {m.label}")
+        table.add_row("prefill", f"{m.prefill_ms:.2f} ms (p10 {m.prefill_p10_ms:.2f}, p90 {m.prefill_p90_ms:.2f}) "
+                                 f"{m.label}")
+        table.add_row("memory / size", f"{(m.peak_memory_bytes or 0) / 2**20:.1f} MiB peak, "
+                                       f"{(m.model_bytes or 0) / 2**20:.2f} MiB model")
+        table.add_row("workload", json.dumps(m.workload))
+        prov = m.provenance.get("host", m.provenance)
+        table.add_row("taken on", f"{prov.get('cpu')}, {prov.get('threads')} threads, "
+                                  f"{prov.get('execution_provider')}, onnxruntime {prov.get('onnxruntime')}")
+    if t.constraints:
+        table.add_row("constraints", ", ".join(f"{k} {v:+.3g}" for k, v in t.constraints.items())
+                      + ("  (≤ 0 is within budget)"))
+    if t.artifact_dir:
+        table.add_row("artifacts", t.artifact_dir)
+    console.print(table)
+
+
+db_app = typer.Typer(help="The results database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None) -> None:
+    """Create or upgrade this project's tables (nas_*) to the current schema. Optuna's tables are
+    Optuna's own and untouched."""
+    from nas.store import upgrade
+
+    before, after = upgrade(_db(db))
+    console.print(f"{_db(db)}: schema {before or 'empty'} -> {after}")
+
+
 def _host_setup(refresh: bool):
     from nas.pipeline import host_setup
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import random
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -44,53 +42,19 @@ from nas.store import (
     upgrade,
 )
 from nas.store.models import Base, StudyModel, TrialModel
+from tests.conftest import fresh_pg_database
 
-PG_ADMIN_URL = os.environ.get("NAS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 OBJECTIVES = [("val_bpb", "minimize"), ("decode_ms", "minimize")]
 
 
 # --- databases -------------------------------------------------------------------------------------
-def _pg_unreachable_reason() -> str | None:
-    try:
-        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-    except Exception as e:  # any driver or network error means: no server for these tests
-        return f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()} is unreachable: {str(e).splitlines()[0]}"
-    return None
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[Any]:
-    reason = _pg_unreachable_reason()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set: the PostgreSQL cases must run there)")
-        pytest.skip(reason)
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    yield engine
-    engine.dispose()
-
-
-def _fresh_pg_database(admin: Any) -> Iterator[str]:
-    name = f"nas_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     """An empty database of each kind, this test's alone."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'nas.db'}"
     else:
-        yield from _fresh_pg_database(request.getfixturevalue("pg_admin"))
+        yield from fresh_pg_database(request.getfixturevalue("pg_admin"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ Optuna's own tables may live in the same database (``optuna.storages.RDBStorage(
 are the ``nas_*`` tables under their own alembic history (``nas_alembic_version``).
 """
 
-from nas.store._engine import StoreError, default_db_url, make_engine, session_scope
+from nas.store._engine import StoreError, default_db_url, harden_foreign_sqlite_engine, make_engine, session_scope
 from nas.store._migrate import check_schema, current_revision, head_revision, schema_diff, upgrade
 from nas.store._pareto import non_dominated
 from nas.store._rows import ArchitectureRow, MeasurementRow, Objective, StudyRow, TrialRow
@@ -35,6 +35,7 @@ __all__ = [
     "check_schema",
     "current_revision",
     "default_db_url",
+    "harden_foreign_sqlite_engine",
     "head_revision",
     "make_engine",
     "non_dominated",

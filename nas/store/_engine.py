@@ -117,7 +117,7 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def _setup_sqlite(engine: Engine) -> None:
+def _setup_sqlite(engine: Engine, default_begin: str = "DEFERRED") -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take BEGIN out of the driver's hands (see the module docstring); the "begin" hook
@@ -136,7 +136,7 @@ def _setup_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, default_begin)
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
@@ -159,6 +159,16 @@ def _use_wal(cursor: Any) -> None:
                 raise
             time.sleep(delay)
             delay = min(2 * delay, 0.1)
+
+
+def harden_foreign_sqlite_engine(engine: Engine) -> None:
+    """Give an engine made elsewhere (Optuna's RDBStorage) the same SQLite set-up: WAL, busy
+    timeout, and every transaction begun IMMEDIATE, since such code reads before it writes and
+    cannot mark its write transactions for us. Connections opened before this are dropped."""
+    if engine.dialect.name != "sqlite":
+        return
+    _setup_sqlite(engine, default_begin="IMMEDIATE")
+    engine.dispose()
 
 
 def writer(engine: Engine) -> Engine:
