@@ -581,6 +581,12 @@ def search(
     cfg = SearchConfig(study=name, space=space, device=device, db_url=_db(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
+    import signal
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) stops as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
         events = _RichEvents(progress, trials)

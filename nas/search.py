@@ -360,7 +360,7 @@ class Search:
         row = c.store.find_trial(study=self.cfg.study, number=n)
         if row is not None and row.state == "running":
             c.store.fail_trial(study=self.cfg.study, number=n, stage=outcome.get("stage", "?"),
-                               reason="interrupted (Ctrl-C); parameters queued again")
+                               reason="interrupted (Ctrl-C or SIGTERM); parameters queued again")
             ot = c.study.trials[n]
             RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retry)(c.study, ot)
 
@@ -372,7 +372,13 @@ class Search:
         c.store.start_trial(study=cfg.study, number=n, optuna_trial_id=trial._trial_id, worker=WORKER)
         self.events.trial_started(n)
 
+        clock = {"stage": "sample", "t": time.perf_counter()}
+        seconds: dict[str, float] = {}
+
         def stage(name: str, detail: str = "") -> None:
+            now = time.perf_counter()
+            seconds[clock["stage"]] = seconds.get(clock["stage"], 0.0) + now - clock["t"]
+            clock.update(stage=name, t=now)
             outcome["stage"] = name
             self.events.stage(n, name, detail)
 
@@ -414,6 +420,7 @@ class Search:
             stage("score", "export, quantize, BPB in ONNX Runtime")
             trial_dir = self._trial_dir(n)
             bpb = self._score(spec, model, tc, trial_dir)
+            stage("report")
             objectives = _objective_values(spec, m, bpb.bpb)
             self._note_worst(objectives)
             for key, value in constraints.items():
@@ -423,7 +430,10 @@ class Search:
                 study=cfg.study, number=n, objectives=objectives, val_bpb=bpb.bpb, constraints=constraints,
                 train={"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                        "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
-                       "stopped_by": result.stopped_by, "val_tokens": bpb.tokens, "val_bytes": bpb.bytes},
+                       "stopped_by": result.stopped_by, "val_tokens": bpb.tokens, "val_bytes": bpb.bytes,
+                       # where the trial's time went, per stage (measure includes export and
+                       # quantization; score includes the trained model's export)
+                       "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}},
                 curve=[[p.step, p.tokens, p.loss, p.lr, round(p.seconds, 3)] for p in result.curve],
                 baselines=self._baselines(spec.vocab_size, tc), measurement_id=measurement_id,
                 artifact_dir=str(trial_dir),

@@ -66,6 +66,9 @@ def test_search_fills_the_store_and_the_optuna_study(env, tmp_path):
             assert 0 < t.val_bpb < 8 and t.objectives["val_bpb"] == t.val_bpb
             assert t.objectives["decode_ms"] > 0 and t.curve and t.train["tokens"] >= 8192
             assert t.baselines["bigram_bpb"] < t.baselines["unigram_bpb"]
+            stages = t.train["stage_seconds"]
+            assert set(stages) == {"sample", "budget", "measure", "train", "score"}
+            assert all(v >= 0 for v in stages.values()) and stages["train"] > 0
             m = store.get_measurement(id=t.measurement_id)
             assert m.label == "measured:local" and m.profile == "host"
             assert (Path(t.artifact_dir) / "model.pt").exists() and (Path(t.artifact_dir) / "onnx" / "model.onnx").exists()
@@ -220,3 +223,29 @@ def test_two_workers_share_a_study_on_one_sqlite_file(env, tmp_path):
 def test_two_workers_share_a_study_on_postgresql(env, tmp_path, pg_admin):
     for url in fresh_pg_database(pg_admin):
         _two_workers(url, env, tmp_path)
+
+
+def test_sigterm_stops_cleanly_and_queues_the_running_trial_again(env, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "200000", "--device", "host",
+           "--trials", "3", "--db", db]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = Store(db)
+    try:
+        _wait_for(lambda: store.find_study(name="tiny-host") is not None
+                  and any(t.state == "running" and t.arch_id for t in store.trials(study="tiny-host")), 300,
+                  "a running trial")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "resume with the same command" in err
+    trials = store.trials(study="tiny-host")
+    store.close()
+    stopped = [t for t in trials if t.state == "failed"]
+    assert len(stopped) == 1 and "interrupted" in stopped[0].failure_reason
+    assert not [t for t in trials if t.state == "running"]
+    ostudy = optuna.load_study(study_name="tiny-host", storage=db)
+    waiting = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].system_attrs.get("failed_trial") == stopped[0].number
