@@ -761,6 +761,10 @@ def _host_setup(refresh: bool):
     return host_setup(refresh=refresh)
 
 
+from nas.cli_export import register as _register_export  # noqa: E402, I001
+_register_export(app)
+
+
 def main() -> None:
     # Standalone mode lets click report usage errors (exit 2) and --help; our own errors come
     # out of it as NasError and get one line, no traceback.

@@ -86,6 +86,32 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               lr: float, grad_clip: float, use_bf16: bool, step: int, total_steps: int) -> float:
+    """One optimizer step at learning rate ``lr``; returns the batch's loss (nats/token).
+
+    Shared by the brief training here and the full training of ``nas.fulltrain``, so that a model
+    trained fully is trained exactly as the search trained it, only for longer. ``model`` may be a
+    ``torch.compile`` wrapper. A non-finite loss raises TrainingError naming the step (counted
+    from 1) and the learning rate, before the weights are touched.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise TrainingError(
+            f"training diverged: loss is {loss_value} at step {step + 1} of {total_steps} (lr {lr:.3g})"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss_value
+
+
 ProgressFn = Callable[[CurvePoint, int], None]
 """Called every cfg.log_every steps with the latest point and the total step count."""
 
@@ -131,24 +157,11 @@ def train_brief(
             step_progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
             time_progress = max(step_progress, elapsed / cfg.seconds)
         lr = lr_at(step, total_steps, warmup_steps, cfg, time_progress)
-        for group in opt.param_groups:
-            group["lr"] = lr
-
         x_np, y_np = next(batches)
         x = torch.from_numpy(x_np).to(device, non_blocking=True)
         y = torch.from_numpy(y_np).to(device, non_blocking=True)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, spec.vocab_size), y.view(-1))
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"training diverged: loss is {loss_value} at step {step + 1} of {total_steps} (lr {lr:.3g})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        loss_value = train_step(model, opt, x, y, lr=lr, grad_clip=cfg.grad_clip, use_bf16=use_bf16,
+                                step=step, total_steps=total_steps)
 
         window.append(loss_value)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:

@@ -71,7 +71,8 @@ def test_search_fills_the_store_and_the_optuna_study(env, tmp_path):
             assert all(v >= 0 for v in stages.values()) and stages["train"] > 0
             m = store.get_measurement(id=t.measurement_id)
             assert m.label == "measured:local" and m.profile == "host"
-            assert (Path(t.artifact_dir) / "model.pt").exists() and (Path(t.artifact_dir) / "onnx" / "model.onnx").exists()
+            artifacts = Path(t.artifact_dir)
+            assert (artifacts / "model.pt").exists() and (artifacts / "onnx" / "model.onnx").exists()
         front = store.pareto(study="tiny-host")
         assert front and {t.number for t in front} <= {t.number for t in complete}
         assert study.corpus_fingerprint and study.train_config["tokens"] == 8192 and study.code_version
@@ -105,14 +106,15 @@ def test_over_budget_architectures_are_rejected_before_training(env, tmp_path):
         trials = [t for t in store.trials(study="tiny-strict") if t.failed_stage != "sample"]
     assert len(trials) == 2
     for t in trials:
-        assert t.state == "infeasible" and t.failed_stage == "measure" and "decode_ms_per_token over" in t.failure_reason
+        assert t.state == "infeasible" and t.failed_stage == "measure"
+        assert "decode_ms_per_token over" in t.failure_reason
         assert t.train is None and t.val_bpb is None and t.constraints["decode_ms_per_token"] > 0
 
 
 def test_failed_measurements_are_recorded_and_the_search_goes_on(env, tmp_path):
     # a GPU profile measured locally: this machine's onnxruntime has no CUDA provider
-    profile = write_profile(tmp_path / "nogpu.yaml", runtime="  execution_provider: CUDAExecutionProvider\n  threads: 2",
-                            device="  kind: gpu")
+    profile = write_profile(tmp_path / "nogpu.yaml", device="  kind: gpu",
+                            runtime="  execution_provider: CUDAExecutionProvider\n  threads: 2")
     db = f"sqlite:///{tmp_path / 'nas.db'}"
     r = nas(["search", *FAST, "--device", str(profile), "--trials", "2", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
