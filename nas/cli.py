@@ -562,7 +562,8 @@ def search(
     Each trial: sample, analytic budget check, export + quantize + measure (or estimate), brief
     training, BPB of the quantized model in ONNX Runtime. Infeasible architectures are rejected
     before they are trained. Results go to --db; re-running with the same --study resumes.
-    Ctrl-C stops after recording the running trial (it is tried again on resume).
+    Ctrl-C (or SIGTERM) stops at the next training step or stage, recording the running trial as failed;
+    it is tried again on resume. A second Ctrl-C stops at once.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -582,15 +583,25 @@ def search(
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
     import signal
+    import threading
 
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) stops as cleanly as Ctrl-C
+    stop = threading.Event()
 
-    signal.signal(signal.SIGTERM, _terminate)
+    def _request_stop(signum: int, frame: object) -> None:
+        # Ctrl-C or SIGTERM (kill, a scheduler): the first asks the search to stop at its next safe
+        # point (a training step, a stage boundary), the running trial recorded and queued again;
+        # a second stops at once. Raising from the handler itself could land in a finalizer or an
+        # import, where Python swallows it.
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
         events = _RichEvents(progress, trials)
-        s = Search(cfg, events)
+        s = Search(cfg, events, stop=stop)
         events.message(f"study {name} on {cfg.db_url}")
         try:
             counts = s.run(n_trials=trials, timeout_s=timeout)

@@ -31,6 +31,7 @@ import math
 import os
 import socket
 import subprocess
+import threading
 import time
 import traceback
 import warnings
@@ -218,7 +219,7 @@ class _Context:
 class Search:
     """One worker of a study. Several may run the same study on one database."""
 
-    def __init__(self, cfg: SearchConfig, events: Events | None = None) -> None:
+    def __init__(self, cfg: SearchConfig, events: Events | None = None, stop: threading.Event | None = None) -> None:
         for name in cfg.objectives:
             if name not in OBJECTIVES:
                 raise NasError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
@@ -228,6 +229,9 @@ class Search:
             raise NasError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         self.cfg = cfg
         self.events = events or SilentEvents()
+        # Set from a signal handler or another thread: the run stops at the next safe point (a
+        # stage boundary, a training step, between trials) as if interrupted there.
+        self.stop = stop or threading.Event()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = load_space(cfg.space)
         profile = load_profile(cfg.device)
@@ -326,6 +330,7 @@ class Search:
         start = time.monotonic()
         done = 0
         while (n_trials is None or done < n_trials) and (timeout_s is None or time.monotonic() - start < timeout_s):
+            self._check_stop()
             state = self._one_trial()
             counts[state] += 1
             if state != "invalid":
@@ -350,6 +355,10 @@ class Search:
             self._interrupted(outcome)
             raise
         return outcome.get("state", "failed")
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
 
     def _interrupted(self, outcome: dict[str, str]) -> None:
         c = self._ctx
@@ -380,6 +389,8 @@ class Search:
             seconds[clock["stage"]] = seconds.get(clock["stage"], 0.0) + now - clock["t"]
             clock.update(stage=name, t=now)
             outcome["stage"] = name
+            if name not in ("score", "report"):  # once trained, finishing the trial costs seconds
+                self._check_stop()
             self.events.stage(n, name, detail)
 
         try:
@@ -560,7 +571,8 @@ class Search:
         def progress(point: Any, total: int) -> None:
             self.events.train_progress(n, point.step, total, point.loss)
 
-        return train_brief(spec, tc, self._ctx.train, device=self.cfg.torch_device, progress=progress)
+        return train_brief(spec, tc, self._ctx.train, device=self.cfg.torch_device, progress=progress,
+                           should_stop=self.stop.is_set)
 
     def _trial_dir(self, n: int) -> Path:
         d = Path(self.cfg.artifacts).resolve() / self.cfg.study / f"trial-{n:05d}"

@@ -124,8 +124,12 @@ def train_brief(
     model: Decoder | None = None,
     device: str = "cpu",
     progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Decoder, TrainResult]:
-    """Train a fresh model (or ``model``) of ``spec`` for the budget in ``cfg``."""
+    """Train a fresh model (or ``model``) of ``spec`` for the budget in ``cfg``.
+
+    ``should_stop`` is asked before every step; when it answers True training stops at once
+    with KeyboardInterrupt (a requested stop of the whole run, not a result)."""
     if data.vocab_size != spec.vocab_size:
         raise TrainingError(f"corpus tokenized with vocab {data.vocab_size}, spec wants {spec.vocab_size}")
     T = spec.context_length
@@ -157,6 +161,8 @@ def train_brief(
             step_progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
             time_progress = max(step_progress, elapsed / cfg.seconds)
         lr = lr_at(step, total_steps, warmup_steps, cfg, time_progress)
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
         x_np, y_np = next(batches)
         x = torch.from_numpy(x_np).to(device, non_blocking=True)
         y = torch.from_numpy(y_np).to(device, non_blocking=True)

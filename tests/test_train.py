@@ -106,6 +106,20 @@ def test_seconds_budget_stops_training_early(stdlib_512):
     assert result.curve[-1].step == result.steps
 
 
+def test_a_requested_stop_ends_training_between_steps(stdlib_512):
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3  # three steps run, the fourth is refused
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        train_brief(tiny_spec(), stdlib_512, CFG, should_stop=should_stop,
+                    progress=lambda point, total: steps.append(point.step))
+    assert len(asked) == 4 and (not steps or max(steps) < 3)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1)
     lrs = [lr_at(s, 100, 10, cfg) for s in range(100)]
