@@ -774,6 +774,8 @@ def _host_setup(refresh: bool):
 
 from nas.cli_export import register as _register_export  # noqa: E402, I001
 _register_export(app)
+from nas.cli_browse import register as _register_browse  # noqa: E402, I001
+_register_browse(app)
 
 
 def main() -> None:

@@ -282,6 +282,12 @@ def test_reuse_picks_the_latest_successful_measurement(store):
     assert store.find_measurement(**key, workload=w) == taken
     assert store.find_measurement(**key, workload={"prompt_tokens": 32}) is None
     assert len(store.measurements(arch_id=a)) == 5
+    # By id, newest first, past the 500-id chunk a long IN list is cut into; unknown ids are skipped.
+    assert [m.id for m in store.measurements(ids=[old.id, taken.id, 10**9])] == [taken.id, old.id]
+    assert store.measurements(ids=[]) == []
+    many = [store.add_measurement(**key, label="estimated:roofline", prefill_ms=1.0, decode_ms_per_token=0.1).id
+            for _ in range(501)]
+    assert {m.id for m in store.measurements(ids=[*many, node.id])} == {*many, node.id}
 
 
 # --- studies ---------------------------------------------------------------------------------------

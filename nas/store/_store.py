@@ -24,7 +24,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from nas.arch import BITWIDTHS, ArchSpec
 from nas.store._engine import (
@@ -252,15 +252,26 @@ class Store:
                 raise StoreError(f"no measurement {id} in {self.url}")
             return _measurement_row(row)
 
-    def measurements(self, *, arch_id: str | None = None, profile: str | None = None) -> list[MeasurementRow]:
-        """Every measurement (failed ones too), newest first, optionally of one arch or profile."""
-        query = select(MeasurementModel).order_by(MeasurementModel.created_at.desc(), MeasurementModel.id.desc())
+    def measurements(
+        self, *, arch_id: str | None = None, profile: str | None = None, ids: Iterable[int] | None = None
+    ) -> list[MeasurementRow]:
+        """Every measurement (failed ones too), newest first, optionally of one arch or profile,
+        or only those with the given ``ids`` (the ones a study's trials link to)."""
+        query = select(*MeasurementModel.__table__.columns).order_by(
+            MeasurementModel.created_at.desc(), MeasurementModel.id.desc()
+        )
         if arch_id is not None:
             query = query.where(MeasurementModel.arch_id == arch_id)
         if profile is not None:
             query = query.where(MeasurementModel.profile == profile)
         with self._read() as s:
-            return [_measurement_row(r) for r in s.scalars(query)]
+            if ids is None:
+                return [_measurement_row(r) for r in s.execute(query)]
+            wanted = sorted(set(ids))
+            out: list[MeasurementRow] = []
+            for i in range(0, len(wanted), 500):  # bounded IN lists, within every driver's limits
+                out += [_measurement_row(r) for r in s.execute(query.where(MeasurementModel.id.in_(wanted[i : i + 500])))]
+            return sorted(out, key=lambda m: (m.created_at, m.id), reverse=True)
 
     # --- studies -------------------------------------------------------------------------------
     def create_study(
@@ -472,17 +483,18 @@ class Store:
         Learning curves are left out (``curve`` is None) unless ``curves=True``: decoding them is
         most of the cost of listing a large study, and a table or a front does not show them.
         """
-        query = select(TrialModel, ArchitectureModel.summary).outerjoin(
+        # Plain column rows, not ORM objects: building 10,000 ORM instances cost as much as the
+        # query itself, and a listing never writes back.
+        columns = [c for c in TrialModel.__table__.columns if curves or c.name != "curve"]
+        query = select(*columns, ArchitectureModel.summary.label("arch_summary")).outerjoin(
             ArchitectureModel, TrialModel.arch_id == ArchitectureModel.arch_id
         )
-        if not curves:
-            query = query.options(defer(TrialModel.curve, raiseload=True))
         if states is not None:
             query = query.where(TrialModel.state.in_(_states(states)))
         with self._read() as s:
             study_id = _study_id(s, study, self.url)
             query = query.where(TrialModel.study_id == study_id).order_by(TrialModel.number)
-            return [_to_trial_row(row, study, summary, curve=curves) for row, summary in s.execute(query)]
+            return [_to_trial_row(row, study, row.arch_summary, curve=curves) for row in s.execute(query)]
 
     # --- Pareto front --------------------------------------------------------------------------
     def refresh_pareto(self, *, study: str, objectives: Sequence[ObjectiveLike] | None = None) -> list[TrialRow]:

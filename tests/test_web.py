@@ -1,0 +1,326 @@
+"""`nas ui`'s web page: its answers through FastAPI's TestClient (404, 400, JSON), then the page in a
+real headless Chromium (Debian's, driven by Playwright): it loads, the Pareto plot draws a point
+for every complete trial, a click on a point or a row opens that trial, the table sorts and
+filters, and the page picks up a trial that finishes while it is open. Screenshots are kept as
+test artefacts (tmp_path, and test-artifacts/ when NAS_TEST_ARTIFACTS is set)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nas.errors import NasError
+from nas.store import Store
+from nas.web import create_app
+from tests.browse_helpers import (
+    CHROMIUM_ARGS,
+    free_port,
+    keep_artifact,
+    make_study,
+    require_chromium,
+    wait_for_http,
+)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('web') / 'nas.db'}"
+    with Store(url) as store:
+        make_study(store, "synthetic", n_complete=16)
+        make_study(store, "other", n_complete=8, seed=3, extras=False)
+        make_study(store, "live", n_complete=3, seed=5, extras=False)
+    return url
+
+
+@pytest.fixture(scope="module")
+def client(db: str) -> Iterator[TestClient]:
+    with TestClient(create_app(db), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_index_lists_the_studies(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    for name in ("synthetic", "other", "live"):
+        assert f'href="/study/{name}"' in r.text
+    assert [s["name"] for s in client.get("/api/studies").json()] == ["synthetic", "other", "live"]
+
+
+def test_study_page_has_the_table_and_loads_plotly_from_this_server(client, db):
+    r = client.get("/study/synthetic")
+    assert r.status_code == 200
+    with Store(db) as store:
+        n = len(store.trials(study="synthetic"))
+    assert len(re.findall(r'<tr class="clickable[^"]*" data-number=', r.text)) == n
+    scripts = re.findall(r'<script[^>]+src="([^"]+)"', r.text)
+    assert scripts == ["/static/plotly.min.js"] and "cdn.plot.ly" not in r.text
+    js = client.get("/static/plotly.min.js")
+    assert js.status_code == 200 and len(js.content) > 1_000_000
+
+
+def test_json_api_returns_the_trials_the_front_and_the_figures(client, db):
+    with Store(db) as store:
+        trials = store.trials(study="synthetic")
+        front = sorted(t.number for t in store.pareto(study="synthetic"))
+    body = client.get("/api/study/synthetic/trials").json()
+    assert [t["number"] for t in body["trials"]] == [t.number for t in trials]
+    on_front = client.get("/api/study/synthetic/trials", params={"feasibility": "front"}).json()["trials"]
+    assert sorted(t["number"] for t in on_front) == front
+    by_bpb = client.get("/api/study/synthetic/trials", params={"feasibility": "feasible", "sort": "val_bpb"}).json()
+    bpbs = [t["figures"]["val_bpb"] for t in by_bpb["trials"]]
+    assert bpbs == sorted(bpbs) and bpbs
+    est = client.get("/api/study/synthetic/trials", params={"label": "estimated:roofline"}).json()["trials"]
+    assert est and all(t["label"] == "estimated:roofline" for t in est)
+    figs = client.get("/api/study/synthetic/figures").json()
+    assert set(figs) == {"pareto", "pareto3d", "hypervolume", "dimensions"}
+    plotted = {n for t in figs["pareto"]["data"] for n in (t.get("customdata") or [])}
+    assert {t.number for t in trials if t.state == "complete"} <= plotted
+    status = client.get("/api/study/synthetic").json()
+    assert status["n_trials"] == len(trials) and status["stamp"]
+    one = client.get("/api/study/synthetic/trial/0").json()
+    assert one["number"] == 0 and one["curve"] and one["val_bpb"] > 0
+
+
+def test_trial_page_shows_spec_measurement_curve_and_export_command(client, db):
+    r = client.get("/study/synthetic/trial/0")
+    assert r.status_code == 200
+    assert f"nas export synthetic --trial 0 --out synthetic-trial0 --db {db}" in r.text
+    assert 'id="spec"' in r.text and "measured:local" in r.text and "fig-curve" in r.text
+    failed = client.get("/study/synthetic/trial/18")  # the failed one: its reason, no curve
+    assert failed.status_code == 200 and "loss became NaN" in failed.text
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "says"),
+    [
+        ("/study/nope", 404, "no study &#39;nope&#39;"),
+        ("/study/synthetic/trial/999", 404, "has no trial 999"),
+        ("/api/study/nope/trials", 404, "no study 'nope'"),
+        ("/study/synthetic?x=bogus", 400, "x=&#39;bogus&#39;"),
+        ("/study/synthetic?feasibility=maybe", 400, "feasibility"),
+        ("/study/synthetic?label=%3Cscript%3E", 400, "label="),
+        ("/study/synthetic?limit=0", 400, "limit"),
+        ("/study/synthetic?desc=sideways", 400, "desc"),
+        ("/study/synthetic/trial/abc", 400, "number"),
+        ("/api/study/synthetic/figures?color=bogus", 400, "color"),
+        ("/compare?study=synthetic", 400, "two studies"),
+    ],
+)
+def test_bad_requests_get_a_clear_page_never_a_traceback(client, url, status, says):
+    r = client.get(url)
+    assert r.status_code == status
+    assert says in r.text and "Traceback" not in r.text
+    if url.startswith("/api/"):
+        assert r.json()["status"] == status
+    else:
+        assert r.headers["content-type"].startswith("text/html") and 'id="error-message"' in r.text
+
+
+def test_compare_page_draws_studies_on_the_same_axes(client):
+    r = client.get("/compare", params=[("study", "synthetic"), ("study", "other")])
+    assert r.status_code == 200 and "common reference point" in r.text
+
+
+def test_the_page_only_reads(db, tmp_path):
+    missing = f"sqlite:///{tmp_path / 'absent.db'}"
+    with pytest.raises(NasError, match="nas db upgrade"):
+        create_app(missing)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on ``port`` (Linux's /proc/net/tcp, hex little-endian)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
+            out.add(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return out
+
+
+def test_nas_ui_serves_on_loopback_only_by_default(db, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "ui", "--db", db, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/studies", timeout_s=60, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and b"synthetic" in r.read()
+        assert _listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    r = subprocess.run([sys.executable, "-m", "nas.cli", "ui", "--db", f"sqlite:///{tmp_path / 'absent.db'}"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "nas db upgrade" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_large_study_stays_fast(tmp_path):
+    """Thinned figures and one read per request: 600 trials here (10,000 in bench/)."""
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    with Store(url) as store:
+        make_study(store, "big", n_complete=600, extras=False)
+    with TestClient(create_app(url, max_points=200)) as c:
+        c.get("/study/big")  # warm: the arch cache and templates
+        t0 = time.perf_counter()
+        assert c.get("/study/big").status_code == 200
+        assert c.get("/api/study/big/figures").status_code == 200
+        took = time.perf_counter() - t0
+    assert took < 3.0, f"study page and figures took {took:.2f} s"
+
+
+# --- in a real browser ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(db: str) -> Iterator[str]:
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(db, refresh_s=1.0), host="127.0.0.1", port=port,
+                                        log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the web app did not start within 20 s"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    chromium = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    outside: list[str] = []
+    pg.on("request", lambda req: outside.append(req.url) if not req.url.startswith(server) else None)
+    yield pg
+    ctx.close()
+    assert not outside, f"the page fetched from outside its server: {outside}"
+
+
+def _wait_figures(page: Any) -> None:
+    page.wait_for_selector("body[data-figures=drawn]", timeout=30_000)
+
+
+@pytest.mark.browser
+def test_study_page_renders_a_point_per_trial_in_the_browser(page, server, db, tmp_path):
+    with Store(db) as store:
+        complete = [t for t in store.trials(study="synthetic") if t.state == "complete"]
+        rejected = [t for t in store.trials(study="synthetic") if t.state == "infeasible" and t.measurement_id]
+    page.goto(f"{server}/study/synthetic")
+    _wait_figures(page)
+    points = page.locator("#fig-pareto .scatterlayer .trace .points path.point")
+    assert points.count() == len(complete) + len(rejected)
+    assert page.locator("#fig-dimensions .subplot").count() >= 1 or page.locator("#fig-dimensions .boxlayer").count()
+    assert "synthetic: BPB against decode ms/token" in page.locator("#fig-pareto .gtitle").text_content()
+    keep_artifact(_shot(page, tmp_path / "web-study.png", full_page=True))
+
+
+@pytest.mark.browser
+def test_clicking_a_point_opens_its_trial(page, server):
+    page.goto(f"{server}/study/synthetic")
+    _wait_figures(page)
+    # The front's first point: a complete trial, unobstructed by the other markers.
+    numbers = page.evaluate("""() => {
+        const d = document.getElementById('fig-pareto');
+        const out = [];
+        d._fullData.forEach((t, i) => { if (t.customdata && t.visible !== false) t.customdata.forEach(
+            (n, j) => out.push({trace: i, index: j, n: n})); });
+        return out; }""")
+    assert numbers
+    box = page.locator("#fig-pareto .scatterlayer .trace").first.locator("path.point").first.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#fig-pareto .hoverlayer .hovertext")
+    hover = page.locator("#fig-pareto .hoverlayer .hovertext").first.text_content()
+    n = int(re.search(r"trial (\d+)", hover).group(1))
+    assert "measured:local" in hover or "estimated:roofline" in hover  # where the latency came from
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_url(re.compile(rf"/study/synthetic/trial/{n}$"))
+    assert page.locator("#trial-title").inner_text().startswith(f"Trial {n}")
+
+
+@pytest.mark.browser
+def test_clicking_a_row_opens_its_trial_with_its_curve(page, server, tmp_path):
+    page.goto(f"{server}/study/synthetic")
+    row = page.locator('#trial-rows tr[data-number="3"] td').nth(2)
+    row.click()
+    page.wait_for_url(re.compile(r"/study/synthetic/trial/3$"))
+    page.wait_for_selector("#fig-curve .scatterlayer .trace")
+    assert "nas export synthetic --trial 3" in page.locator("#export-command").inner_text()
+    assert page.locator("#spec tr").count() >= 15
+    keep_artifact(_shot(page, tmp_path / "web-trial.png", full_page=True))
+
+
+@pytest.mark.browser
+def test_table_sorts_and_filters_in_place(page, server, db):
+    with Store(db) as store:
+        front = {t.number for t in store.pareto(study="synthetic")}
+    page.goto(f"{server}/study/synthetic")
+    page.select_option("#filters select[name=feasibility]", "front")
+    page.wait_for_selector('#trial-rows[data-view*="feasibility=front"]', state="attached")
+    shown = {int(n) for n in page.locator("#trial-rows tr").evaluate_all("rs => rs.map(r => r.dataset.number)")}
+    assert shown == front
+    assert "feasibility=front" in page.url  # a link to this view keeps it
+    page.click("th a[data-sort=val_bpb]")
+    page.wait_for_selector('#trial-rows[data-view*="sort=val_bpb"]', state="attached")
+    bpb = page.locator("#trial-rows tr td:nth-child(5)").all_inner_texts()
+    values = [float(v) for v in bpb]
+    assert values == sorted(values)
+
+
+@pytest.mark.browser
+def test_page_refreshes_while_a_search_runs(page, server, db, tmp_path):
+    page.goto(f"{server}/study/live")
+    _wait_figures(page)
+    before = page.locator("#trial-rows tr").count()
+    with Store(db) as store:  # a trial finishes while the page is open
+        trial = store.get_trial(study="live", number=0)
+        store.start_trial(study="live", number=99, arch_id=trial.arch_id)
+        store.finish_trial(study="live", number=99, objectives={"val_bpb": 2.0, "decode_ms": 0.01, "params": 1.0},
+                           val_bpb=2.0, constraints={"decode_ms_per_token": -1.0},
+                           measurement_id=trial.measurement_id)  # fmt: skip
+        store.refresh_pareto(study="live")
+    page.wait_for_selector('#trial-rows tr[data-number="99"]', timeout=15_000)
+    assert page.locator("#trial-rows tr").count() == before + 1
+    page.wait_for_function(
+        "document.getElementById('fig-pareto').data.some(t => (t.customdata || []).includes(99))", timeout=15_000
+    )
+    keep_artifact(_shot(page, tmp_path / "web-live.png"))
+
+
+@pytest.mark.browser
+def test_missing_study_is_a_404_page_in_the_browser(page, server):
+    response = page.goto(f"{server}/study/nope")
+    assert response is not None and response.status == 404
+    assert "no study 'nope'" in page.locator("#error-message").inner_text()
+
+
+def _shot(page: Any, path: Path, *, full_page: bool = False) -> Path:
+    page.screenshot(path=str(path), full_page=full_page)
+    assert path.stat().st_size > 20_000
+    return path
