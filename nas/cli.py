@@ -555,6 +555,16 @@ def search(
     require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
                                                    "measures.")] = False,
     torch_device: Annotated[str, typer.Option(help="torch device for training: cpu, cuda.")] = "cpu",
+    executor: Annotated[str, typer.Option(help="local (trials one after another in this process) or ray (Ray "
+                                          "Tune trials on the workers of a Ray cluster; the same study, store "
+                                          "and front).")] = "local",
+    workers: Annotated[int, typer.Option(help="With --executor ray: trials running at once.", min=1)] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the head of an existing Ray "
+                                                    "cluster (HOST:6379, or auto); default: start Ray here. "
+                                                    "Use a PostgreSQL --db when workers are on several "
+                                                    "machines.")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="With --executor ray: CPUs each trial holds (a GPU "
+                                                  "fraction is added when training on cuda).", min=0.1)] = 1.0,
 ) -> None:
     """Search a space for the architectures that are best on a device: the Pareto front of quality
     (validation BPB of the quantized model) against latency, under the profile's budgets.
@@ -564,11 +574,20 @@ def search(
     before they are trained. Results go to --db; re-running with the same --study resumes.
     Ctrl-C (or SIGTERM) stops at the next training step or stage, recording the running trial as failed;
     it is tried again on resume. A second Ctrl-C stops at once.
+
+    With --executor ray --workers N [--ray-address HOST:6379], N trials run at once as Ray Tune
+    trials; a profile measured on a device (measurement.where: ray) is measured on the node that
+    joined the cluster with its resource (README: "Distributed search with Ray").
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from nas.search import Search, SearchConfig
 
+    if executor not in ("local", "ray"):
+        raise NasError(f"unknown --executor {executor!r}; choose local or ray")
+    if executor == "local" and (workers != 1 or ray_address or cpus_per_trial != 1.0):
+        raise NasError("--workers, --ray-address and --cpus-per-trial need --executor ray (or run the same "
+                       "command in several processes)")
     if trials is None and time_budget is None:
         trials = 20
     timeout = _parse_duration(time_budget) if time_budget else None
@@ -601,17 +620,26 @@ def search(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
         events = _RichEvents(progress, trials)
-        s = Search(cfg, events, stop=stop)
-        events.message(f"study {name} on {cfg.db_url}")
         try:
-            counts = s.run(n_trials=trials, timeout_s=timeout)
+            if executor == "ray":
+                from nas.distributed import RayOptions, run_with_ray
+
+                events.message(f"study {name} on {cfg.db_url}, {workers} Ray worker(s)")
+                counts = run_with_ray(cfg, RayOptions(workers=workers, address=ray_address,
+                                                      cpus_per_trial=cpus_per_trial),
+                                      events, stop=stop, n_trials=trials, timeout_s=timeout)
+            else:
+                s = Search(cfg, events, stop=stop)
+                events.message(f"study {name} on {cfg.db_url}")
+                try:
+                    counts = s.run(n_trials=trials, timeout_s=timeout)
+                finally:
+                    s.close()
         except KeyboardInterrupt:
             progress.stop()
             err_console.print(f"interrupted: finished trials are recorded; resume with the same command "
                               f"(--study {name})")
             raise typer.Exit(130) from None
-        finally:
-            s.close()
     console.print(f"done: {counts['complete']} complete, {counts['infeasible']} infeasible, {counts['failed']} "
                   f"failed, {counts['invalid']} invalid draws")
     _print_pareto(cfg.db_url, name, as_json=False)

@@ -232,6 +232,9 @@ class Search:
         # Set from a signal handler or another thread: the run stops at the next safe point (a
         # stage boundary, a training step, between trials) as if interrupted there.
         self.stop = stop or threading.Event()
+        # Set by the Ray executor (nas.distributed) where a node advertises the profile's resource:
+        # the measure stage then runs on that node, labelled with it.
+        self.ray_measure: Any = None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = load_space(cfg.space)
         profile = load_profile(cfg.device)
@@ -340,9 +343,28 @@ class Search:
                                "loosen its rules")
         return counts
 
+    def run_one(self, seed: int, n_trials_hint: int | None = None) -> tuple[str, int | None, int]:
+        """One counted trial, as ``run`` runs each (draws that break the space's rules are drawn
+        again): the unit of work of a Ray Tune trial (nas.distributed). ``seed`` seeds this
+        trial's sampler, so that workers starting at once do not draw alike. Returns the state,
+        the trial's number and how many invalid draws came before it."""
+        c = self._ctx
+        invalid = 0
+        while True:
+            c.study.sampler = make_sampler(self.cfg.sampler, seed + invalid, n_trials_hint)
+            self._check_stop()
+            state = self._one_trial()
+            if state != "invalid":
+                return state, self._last_number, invalid
+            invalid += 1
+            if invalid > 1000:
+                raise NasError(f"space {c.space.name}: the sampler keeps drawing invalid architectures; "
+                               "loosen its rules")
+
     def _one_trial(self) -> str:
         c = self._ctx
         outcome: dict[str, str] = {}
+        self._last_number: int | None = None
 
         def objective(trial: optuna.Trial) -> list[float]:
             return self._objective(trial, outcome)
@@ -354,6 +376,8 @@ class Search:
         except KeyboardInterrupt:
             self._interrupted(outcome)
             raise
+        finally:
+            self._last_number = int(outcome["number"]) if "number" in outcome else None
         return outcome.get("state", "failed")
 
     def _check_stop(self) -> None:
@@ -514,7 +538,8 @@ class Search:
         w = c.profile.workload
         workload_key = {"prompt_tokens": w.prefill_tokens(spec), "context_tokens": w.decode_past_tokens(spec),
                         "batch": w.batch}
-        labels = ["measured:*"] if self.cfg.require_measured else None
+        # With the device in the cluster, an estimate cached from a run without it is not reused.
+        labels = ["measured:*"] if self.cfg.require_measured or self.ray_measure is not None else None
         for row in c.store.measurements(arch_id=spec.arch_id, profile=c.profile.name):
             if not row.ok or row.bitwidth != spec.bitwidth:
                 continue
@@ -528,10 +553,12 @@ class Search:
             try:
                 m = measure_deployed(spec, exported.path.parent, c.profile, host=c.host, cal=c.cal,
                                      require_measured=self.cfg.require_measured,
-                                     notify=self._note_once)
+                                     ray_measure=self.ray_measure, notify=self._note_once)
             except MeasurementError as e:
+                # A failure on a device node is not one of this host's figures: label it with the resource.
+                where = "local" if self.ray_measure is None else c.profile.measurement.ray_resource
                 c.store.add_measurement(arch_id=spec.arch_id, profile=c.profile.name, bitwidth=spec.bitwidth,
-                                        label="measured:local", error=str(e), workload=workload_key)
+                                        label=f"measured:{where}", error=str(e), workload=workload_key)
                 raise
         row = c.store.add_measurement(
             arch_id=spec.arch_id, profile=c.profile.name, bitwidth=spec.bitwidth, label=m.label,

@@ -270,7 +270,8 @@ class Store:
             wanted = sorted(set(ids))
             out: list[MeasurementRow] = []
             for i in range(0, len(wanted), 500):  # bounded IN lists, within every driver's limits
-                out += [_measurement_row(r) for r in s.execute(query.where(MeasurementModel.id.in_(wanted[i : i + 500])))]
+                chunk = query.where(MeasurementModel.id.in_(wanted[i : i + 500]))
+                out += [_measurement_row(r) for r in s.execute(chunk)]
             return sorted(out, key=lambda m: (m.created_at, m.id), reverse=True)
 
     # --- studies -------------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""`nas search --executor ray` on a real Ray cluster on loopback: a head (the trial workers) and a
+second node that advertises a custom resource standing in for a device (its measurement tasks).
+
+One cluster for the module, started with `ray start --block` in sessions of their own and ended
+by signalling exactly those processes (never `ray stop`, which ends every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nas.store import Store
+from tests.test_search import FAST, ROOT, _wait_for, nas
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+DEVICE_NODE = "stand-in-device"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in the session that `ray start` opened: everything it and its raylet started."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp session
+            if int(fields[3]) == sid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def _end_session(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM to `ray start --block` (it stops what it started), then SIGKILL to what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while _session_pids(proc.pid) and time.monotonic() < end:
+        time.sleep(0.3)
+    for pid in _session_pids(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    # Token authentication on, with a token of the test's own: the cluster, the search's driver
+    # and its workers all take it from the environment, whatever ~/.ray holds on this machine.
+    return dict(os.environ, NAS_CACHE_DIR=str(tmp_path_factory.mktemp("ray-cache")), RAY_USAGE_STATS_ENABLED="0",
+                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+
+
+@pytest.fixture(scope="module")
+def cluster(env: dict[str, str]) -> Iterator[str]:
+    # A short temp dir: Ray's Unix sockets live under it, and their paths have a length limit.
+    temp = tempfile.mkdtemp(prefix="nasray-", dir="/tmp")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--temp-dir", temp, "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 * 2**20),
+              "--block", "--disable-usage-stats"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--num-cpus", "2",
+                                       "--include-dashboard", "false", *common], env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for(lambda: subprocess.run([RAY, "status", "--address", address], capture_output=True,
+                                         env=env).returncode == 0, 60, "the Ray head")
+        procs.append(subprocess.Popen([RAY, "start", "--address", address, "--num-cpus", "0", "--resources",
+                                       '{"stand_in_device": 1}', "--node-name", DEVICE_NODE, *common], env=env,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for(lambda: "stand_in_device" in subprocess.run([RAY, "status", "--address", address],
+                                                              capture_output=True, text=True, env=env).stdout,
+                  60, "the device node")
+        yield address
+    finally:
+        for proc in reversed(procs):
+            _end_session(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_options_without_the_ray_executor_or_with_no_head_are_one_line_errors(env, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", *FAST, "--device", "host", "--trials", "1", "--db", db, "--workers", "2"], env, tmp_path)
+    assert r.returncode == 2 and "need --executor ray" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = nas(["search", *FAST, "--device", "host", "--trials", "1", "--db", db, "--executor", "ray",
+             "--ray-address", f"127.0.0.1:{_free_port()}"], env, tmp_path, timeout=120)
+    assert r.returncode == 2 and "no Ray head answers" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def device_profile(path: Path, resource: str) -> Path:
+    """The host profile, measured on the Ray node that advertises ``resource``."""
+    text = (ROOT / "hw_profiles" / "host.yaml").read_text()
+    text = text.replace("measurement:\n  where: local", f"measurement:\n  where: ray\n  ray_resource: {resource}")
+    assert f"ray_resource: {resource}" in text
+    path.write_text(text)
+    return path
+
+
+def test_two_workers_measure_on_the_device_node(env, cluster, tmp_path):
+    profile = device_profile(tmp_path / "standin.yaml", "stand_in_device")
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", *FAST, "--device", str(profile), "--trials", "3", "--db", db, "--executor", "ray",
+             "--workers", "2", "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "Pareto front of tiny-standin" in r.stdout
+    with Store(db) as store:
+        trials = [t for t in store.trials(study="tiny-standin") if t.failed_stage != "sample"]
+        assert len(trials) == 3, [(t.number, t.state, t.failure_reason) for t in trials]
+        assert all(t.state in ("complete", "infeasible") for t in trials), [t.failure_reason for t in trials]
+        assert len({t.worker for t in trials}) >= 1
+        measured = [store.get_measurement(id=t.measurement_id) for t in trials if t.measurement_id]
+        assert measured
+        for m in measured:
+            assert m.label == f"measured:{DEVICE_NODE}"
+            assert m.provenance["ray_node_name"] == DEVICE_NODE
+        assert store.pareto(study="tiny-standin")
+    # The same study resumes locally: a Ray run and a local run share it.
+    r = nas(["search", *FAST, "--device", str(profile), "--trials", "1", "--db", db], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_without_the_device_node_the_search_says_so_once_and_estimates(env, cluster, tmp_path):
+    # The Pi 5 profile (datasheet facts, so it can be estimated) waiting for a device nobody joined.
+    profile = tmp_path / "absent.yaml"
+    profile.write_text((ROOT / "hw_profiles" / "rpi5.yaml").read_text().replace("ray_resource: rpi5",
+                                                                                "ray_resource: absent_device"))
+    r = nas(["search", *FAST, "--device", str(device_profile(tmp_path / "hostlike.yaml", "absent_device")),
+             "--trials", "1", "--db", f"sqlite:///{tmp_path / 'other.db'}", "--executor", "ray",
+             "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 2 and "cannot be estimated" in r.stderr, r.stderr[-2000:]
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", *FAST, "--device", str(profile), "--trials", "1", "--db", db, "--executor", "ray",
+             "--ray-address", cluster, "--require-measured"], env, tmp_path)
+    assert r.returncode == 2 and "absent_device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = nas(["search", *FAST, "--device", str(profile), "--trials", "2", "--db", db, "--executor", "ray",
+             "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count("no Ray node advertises 'absent_device'") == 1
+    with Store(db) as store:
+        trials = store.trials(study="tiny-absent")
+        labels = {store.get_measurement(id=t.measurement_id).label for t in trials if t.measurement_id}
+    assert labels == {"estimated:roofline"}, [(t.state, t.failure_reason) for t in trials]
+
+
+def test_a_worker_killed_mid_trial_fails_that_trial_and_the_search_goes_on(env, cluster, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "60000", "--device", "host", "--trials",
+           "3", "--db", db, "--executor", "ray", "--workers", "2", "--ray-address", cluster]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed: dict[str, int] = {}
+    try:
+        def training() -> bool:
+            with Store(db, upgrade=False) as store:
+                for t in store.trials(study="tiny-host", states=["running"]):
+                    if t.arch_id and t.worker:
+                        killed[t.worker] = t.number
+                        return True
+            return False
+
+        _wait_for(lambda: _safe(training), 300, "a trial running on a Ray worker")
+        worker = next(iter(killed))
+        os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
+    number = killed[worker]
+    with Store(db) as store:
+        trials = {t.number: t for t in store.trials(study="tiny-host")}
+    dead = trials[number]
+    assert dead.state == "failed" and "died" in dead.failure_reason, (dead.state, dead.failure_reason)
+    others = [t for t in trials.values() if t.number != number and t.failed_stage != "sample"]
+    assert any(t.state == "complete" for t in others), [(t.number, t.state, t.failure_reason) for t in others]
+
+
+def _safe(predicate) -> bool:
+    """False while the store does not exist yet or is being created."""
+    try:
+        return predicate()
+    except Exception:
+        return False
+
+
+def test_sigterm_stops_a_ray_search_and_queues_its_running_trials_again(env, cluster, tmp_path):
+    import optuna
+
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "400000", "--device", "host", "--trials",
+           "4", "--db", db, "--executor", "ray", "--workers", "2", "--ray-address", cluster]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def training() -> bool:
+            with Store(db, upgrade=False) as store:
+                return any(t.arch_id for t in store.trials(study="tiny-host", states=["running"]))
+
+        _wait_for(lambda: _safe(training), 300, "a trial running on a Ray worker")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    with Store(db) as store:
+        trials = store.trials(study="tiny-host")
+    assert not [t for t in trials if t.state == "running"], [(t.number, t.state) for t in trials]
+    stopped = [t for t in trials if t.state == "failed"]
+    assert stopped and all("queued again" in t.failure_reason for t in stopped)
+    waiting = optuna.load_study(study_name="tiny-host", storage=db).get_trials(states=[optuna.trial.TrialState.WAITING])
+    assert len(waiting) >= len(stopped)
