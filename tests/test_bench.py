@@ -1,0 +1,83 @@
+"""The benchmarks in bench/ run end to end at their smallest settings (``--quick``) and write the
+figures they print as JSON with the machine, the date and the command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--out", str(out), *extra],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"wrote {out}" in r.stdout
+    doc = json.loads(out.read_text())
+    assert {"machine", "date", "command"} <= doc.keys()
+    assert doc["command"].startswith(f"bench/{script}.py --quick")
+    assert doc["machine"]["cpu"]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One quick search-efficiency run, whose databases the trial-cost test analyses too (a real
+    search costs most of these tests' time: one is enough)."""
+    tmp = tmp_path_factory.mktemp("search")
+    return run_bench("search_efficiency", tmp, "--work", str(tmp / "work")), tmp / "work"
+
+
+def test_search_efficiency_compares_samplers_by_hypervolume(search_run: tuple[dict, Path]) -> None:
+    doc, _ = search_run
+    assert set(doc["by_sampler"]) == {"tpe", "random"}
+    assert len(doc["setup"]["reference_point"]) == 2 and all(math.isfinite(v) for v in doc["setup"]["reference_point"])
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert set(runs) == {"tpe-s0", "random-s0"}
+    for r in runs.values():
+        assert r["trials"] and all(t["seconds"] > 0 for t in r["trials"])
+        assert r["hv_curve"][-1][1] == r["final_hv"] >= 0
+    # --quick sets no tight budget: every tiny draw is feasible, so the fronts have area.
+    assert max(r["final_hv"] for r in runs.values()) > 0
+    complete = doc["trial_cost_s"]["complete (trained and scored)"]
+    assert complete["n"] >= 1 and complete["median"] > 0
+
+
+def test_trial_cost_splits_a_real_trial_into_its_stages(search_run: tuple[dict, Path], tmp_path: Path) -> None:
+    # The search mode is the same code with a Search in front; --from-db analyses the quick
+    # search's first run, whose trials are complete (--quick sets no tight budget).
+    doc = run_bench("trial_cost", tmp_path, "--from-db", f"sqlite:///{search_run[1] / 'tpe-s0.db'}",
+                    "--study", "tpe-s0")
+    assert doc["setup"]["space"] == "tiny" and doc["setup"]["device"] == "host"
+    assert doc["summary"]["complete_trials"] >= 1
+    t = doc["trials"][0]
+    assert t["seconds"]["train"] > 0 and t["seconds"]["export"] > 0 and t["seconds"]["score BPB"] > 0
+    assert sum(t["share"].values()) == pytest.approx(1.0)
+    assert 0 < t["not_training_share"] < 1
+    assert sum(t["seconds"].values()) == pytest.approx(t["wall_s"], rel=0.05)
+
+
+def test_train_throughput_times_ours_and_hf_on_the_same_weights(tmp_path: Path) -> None:
+    doc = run_bench("train_throughput", tmp_path)
+    (row,) = doc["results"]
+    assert row["max_abs_logit_diff"] < 1e-4  # the same function before any timing
+    assert row["ours"]["median"] > 0 and row["hf"]["median"] > 0
+    assert len(row["ratio_per_round"]) == doc["setup"]["rounds"] == 2
+
+
+def test_store_scale_times_the_front_through_store_cli_and_web(tmp_path: Path) -> None:
+    doc = run_bench("store_scale", tmp_path)
+    assert doc["setup"]["backends"] == ["sqlite"]
+    assert sum(doc["setup"]["trial_counts"]["sqlite"].values()) == doc["setup"]["trials"]
+    assert doc["setup"]["front_size"]["sqlite"] > 0
+    ops = doc["summary"]["sqlite"]
+    assert {"Store.refresh_pareto", "Store.pareto", "nas pareto (CLI subprocess)"} <= ops.keys()
+    assert all(v["median"] > 0 and v["min"] <= v["median"] <= v["max"] for v in ops.values())
