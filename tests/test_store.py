@@ -100,12 +100,21 @@ def test_the_store_imports_no_torch_onnxruntime_or_optuna():
     assert out.strip() == "[]"
 
 
+def test_opening_an_upgraded_store_does_not_import_alembic(db_url):
+    upgrade(db_url)  # alembic is for migrating; reading (nas pareto, the web page) starts without it
+    code = ("import sys; from nas.store import Store; s = Store(sys.argv[1], upgrade=False); s.list_studies(); "
+            "s.close(); print('alembic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, db_url], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_upgrade_is_idempotent_and_matches_the_models(db_url):
     assert current_revision(db_url) is None
     assert upgrade(db_url) == (None, head_revision())
     assert upgrade(db_url) == (head_revision(), head_revision())
     check_schema(db_url)
     assert schema_diff(db_url) == []
+    assert _migrate.SCHEMA_HEAD == head_revision()  # a new migration moves both
 
 
 def test_an_empty_database_without_upgrade_names_the_command(db_url):
@@ -127,6 +136,7 @@ def test_a_schema_behind_the_code_names_the_command(db_url, monkeypatch):
     upgrade(db_url)
     # Pretend this code carries a newer revision than the database's.
     monkeypatch.setattr(_migrate, "head_revision", lambda: "0099")
+    monkeypatch.setattr(_migrate, "SCHEMA_HEAD", "0099")
     monkeypatch.setattr(_migrate, "known_revisions", lambda: {"0001", "0099"})
     with pytest.raises(StoreError, match=r"revision 0001, behind this nas \(0099\); run `nas db upgrade --db .+`"):
         Store(db_url, upgrade=False)

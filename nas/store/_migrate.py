@@ -12,18 +12,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from alembic.autogenerate import compare_metadata
-from alembic.command import upgrade as alembic_upgrade
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from nas.store._engine import StoreError, describe_error, make_engine, safe_url, writer
 
 VERSION_TABLE = "nas_alembic_version"
+SCHEMA_HEAD = "0001"
+"""The revision these models match: alembic's head, kept here so that opening a store (``nas
+pareto``, the web page) checks the schema without importing alembic (a tenth of a second, a
+tenth of the command). A test keeps it equal to ``head_revision()``; a new migration updates it."""
 TABLE_PREFIX = "nas_"
 # Any fixed 64-bit number: the PostgreSQL advisory lock that serialises concurrent upgrades
 # (two workers started at once on a fresh database would both try to create the tables).
@@ -69,9 +67,11 @@ def context_options() -> dict[str, Any]:
     }
 
 
-def alembic_config(url: str, connection: Connection | None = None) -> Config:
+def alembic_config(url: str, connection: Connection | None = None) -> Any:
     """An alembic Config built in code. With ``connection``, env.py migrates on it (inside the
     caller's transaction); without, env.py opens ``url`` itself (e.g. for ``command.revision``)."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("file_template", "%%(rev)s_%%(slug)s")
@@ -85,6 +85,8 @@ def alembic_config(url: str, connection: Connection | None = None) -> Config:
 @cache
 def head_revision() -> str:
     """The revision this code's models match (one head: the history is linear)."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory(str(migrations_dir())).get_current_head()
     if head is None:
         raise StoreError(f"{migrations_dir()} holds no migrations; reinstall nas")
@@ -92,12 +94,18 @@ def head_revision() -> str:
 
 
 def known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
     return {s.revision for s in ScriptDirectory(str(migrations_dir())).walk_revisions()}
 
 
 def revision_of(connection: Connection) -> str | None:
-    """Our schema's revision on this connection; None where our tables were never created."""
-    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    """Our schema's revision on this connection; None where our tables were never created.
+
+    Read with plain SQL, as alembic's MigrationContext reads it (one row: the history is linear)."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return None
+    return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 def current_revision(url: str) -> str | None:
@@ -114,9 +122,9 @@ def current_revision(url: str) -> str | None:
 
 def schema_problem(current: str | None, url: str) -> str | None:
     """Why a database at revision ``current`` cannot be used by this code, or None if it can."""
-    head = head_revision()
-    if current == head:
+    if current == SCHEMA_HEAD:
         return None
+    head = head_revision()
     where = safe_url(url)
     if current is None:
         return f"{where} has no nas tables yet; run `nas db upgrade --db {where}`"
@@ -142,6 +150,9 @@ def upgrade_engine(engine: Engine, url: str, revision: str = "head") -> tuple[st
     lock) so that concurrent upgrades queue: the second finds the first one's result and does
     nothing. Both databases run DDL inside a transaction, so a failed step leaves no half schema.
     """
+    from alembic.command import upgrade as alembic_upgrade
+    from alembic.util import CommandError
+
     try:
         with writer(engine).begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -170,6 +181,9 @@ def upgrade(url: str, revision: str = "head") -> tuple[str | None, str | None]:
 def schema_diff(url: str) -> list[Any]:
     """What autogenerate would change to make the database at ``url`` match the models (empty
     when the migrations and the models agree); Optuna's tables are not looked at."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
     from nas.store.models import Base
 
     engine = make_engine(url)
