@@ -48,18 +48,21 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-def _end_session(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM to `ray start --block` (it stops what it started), then SIGKILL to what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    end = time.monotonic() + timeout
-    while _session_pids(proc.pid) and time.monotonic() < end:
-        time.sleep(0.3)
-    for pid in _session_pids(proc.pid):
+def _end_sessions(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """SIGTERM to each `ray start --block` (it stops what it started), all at once, then SIGKILL to
+    what is left of their sessions after ``timeout``."""
+    for proc in procs:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+            os.kill(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while any(_session_pids(p.pid) for p in procs) and time.monotonic() < end:
+        time.sleep(0.3)
+    for proc in procs:
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +96,7 @@ def cluster(env: dict[str, str]) -> Iterator[str]:
                   60, "the device node")
         yield address
     finally:
-        for proc in reversed(procs):
-            _end_session(proc)
+        _end_sessions(list(reversed(procs)))
         shutil.rmtree(temp, ignore_errors=True)
 
 
