@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
 from nas.hardware import list_profile_files, load_profile
 from nas.plots import hypervolume_2d, reference_point
@@ -233,7 +234,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
                     "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "optuna": optuna.__version__,
                     "torch_threads": torch.get_num_threads()},
@@ -248,16 +249,6 @@ def main() -> None:
         "runs": [{k: v for k, v in r.items() if k != "search"} for r in runs],
     }, indent=1))
     print(f"wrote {args.out}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -211,7 +212,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
                     "python": platform.python_version(),
                     "sqlalchemy": sqlalchemy.__version__, "postgresql": _pg_version(args) if not args.no_pg else None},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -237,16 +238,6 @@ def _pg_version(args: argparse.Namespace) -> str | None:
         return v
     except Exception:  # a version string is a nicety, never a reason to fail
         return None
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

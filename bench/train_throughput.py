@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 from torch import nn
 
 from nas.arch import ArchSpec
@@ -159,7 +160,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
                     "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "torch_threads": torch.get_num_threads(), "device": args.device,
@@ -175,16 +176,6 @@ def main() -> None:
 
 def _spread(v: list[float]) -> dict[str, float]:
     return {"median": float(statistics.median(v)), "min": float(min(v)), "max": float(max(v))}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

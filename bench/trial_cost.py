@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
 from nas.data import load_corpus, tokenize_corpus
 from nas.export import export_onnx, quantize
@@ -181,7 +182,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
                     "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                     "torch_threads": torch.get_num_threads(), "ort_threads": threads},
@@ -192,16 +193,6 @@ def main() -> None:
         "summary": summary, "trials": trials, "rejected": rejected,
     }, indent=1))
     print(f"wrote {args.out}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

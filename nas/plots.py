@@ -839,7 +839,7 @@ def page_html(
         parts.append(f"<section class='card' id='{name}'>{div}{caption}</section>")
         if i == 0:
             parts.append(_front_table(data))
-    facts = _facts(s, data)
+    facts = _facts(data)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -861,14 +861,14 @@ plotly.js is embedded: this file needs no network.</footer>
 """
 
 
-def _facts(s: StudyRow, data: StudyData) -> str:
+def study_facts(data: StudyData) -> list[tuple[str, str]]:
+    """The study's facts as (name, value) pairs: trials by state, budgets, sampler, seed, date. The
+    page written here and the web page show the same list."""
+    s = data.study
     c = s.trial_counts
     items = [
-        ("trials", f"{s.n_trials}"),
-        ("complete", str(c.get("complete", 0))),
-        ("infeasible", str(c.get("infeasible", 0))),
-        ("failed", str(c.get("failed", 0))),
-        ("running", str(c.get("running", 0))),
+        ("trials", f"{s.n_trials:,}"),
+        *((state, f"{c.get(state, 0):,}") for state in ("complete", "infeasible", "failed", "running")),
         ("on the front", str(sum(p.on_front for p in data.points))),
     ]
     tokens = s.train_config.get("tokens")
@@ -880,7 +880,11 @@ def _facts(s: StudyRow, data: StudyData) -> str:
         ("seed", str(s.seed)),
         ("created", s.created_at.strftime("%Y-%m-%d %H:%M UTC")),
     ]
-    return "".join(f"<div><b>{html.escape(k)}</b>{html.escape(v)}</div>" for k, v in items)
+    return items
+
+
+def _facts(data: StudyData) -> str:
+    return "".join(f"<div><b>{html.escape(k)}</b>{html.escape(v)}</div>" for k, v in study_facts(data))
 
 
 def _front_table(data: StudyData) -> str:

@@ -177,7 +177,7 @@ def create_app(db_url: str, *, refresh_s: float = 5.0, max_points: int = 1000) -
             rows=rows,
             matching=matching,
             labels=labels,
-            facts=_facts(full),
+            facts=plots.study_facts(full),
             db=store.url,
             refresh_s=refresh_s,
             stamp=_study_stamp(full.study, store),
@@ -258,7 +258,7 @@ def create_app(db_url: str, *, refresh_s: float = 5.0, max_points: int = 1000) -
         full = ctx.load(name)
         rows, matching = view.rows(full)
         html = _ENV.get_template("rows.html").render(rows=rows, study=name)
-        facts = _ENV.get_template("facts.html").render(facts=_facts(full))
+        facts = _ENV.get_template("facts.html").render(facts=plots.study_facts(full))
         return {
             "html": html,
             "facts": facts,
@@ -501,29 +501,6 @@ def _study_figures(data: plots.StudyData, view: _View) -> dict[str, go.Figure]:
         "hypervolume": plots.hypervolume_figure(data, x=view.x, y=view.y),
         "dimensions": plots.dimensions_figure(data, objective=view.y),
     }
-
-
-def _facts(data: plots.StudyData) -> list[tuple[str, str]]:
-    s = data.study
-    c = s.trial_counts
-    items = [
-        ("trials", f"{s.n_trials:,}"),
-        ("complete", f"{c.get('complete', 0):,}"),
-        ("infeasible", f"{c.get('infeasible', 0):,}"),
-        ("failed", f"{c.get('failed', 0):,}"),
-        ("running", f"{c.get('running', 0):,}"),
-        ("on the front", str(sum(p.on_front for p in data.points))),
-    ]
-    tokens = s.train_config.get("tokens")
-    if tokens:
-        items.append(("training budget", f"{int(tokens):,} tokens"))
-    items += [(f"{plots.SHORT.get(k, k)} budget", f"{v:g}") for k, v in sorted(data.budgets.items())]
-    items += [
-        ("sampler", str(s.extra.get("sampler", "–"))),
-        ("seed", str(s.seed)),
-        ("created", s.created_at.strftime("%Y-%m-%d %H:%M UTC")),
-    ]
-    return items
 
 
 def _curve_figure(t: TrialRow) -> go.Figure | None:
