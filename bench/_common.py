@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import statistics
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -16,3 +20,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """The machine facts a result records (CPU, cores, load at the end, Python), plus ``extra``
+    (library versions, threads): the load says how far to trust the timings."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
+            "python": platform.python_version(), **extra}
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """Median, min and max: how every benchmark reports repeated figures."""
+    v = [float(x) for x in values]
+    return {"median": statistics.median(v), "min": min(v), "max": max(v)}

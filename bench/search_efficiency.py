@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
+from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
 from nas.hardware import list_profile_files, load_profile
 from nas.plots import hypervolume_2d, reference_point
@@ -71,10 +69,6 @@ def warm_caches(space: SearchSpace, max_bytes: int | None) -> None:
     vocab = next(d for d in space.dimensions if d.name == "vocab_size")
     for v in vocab.choices if vocab.kind == "choices" else (vocab.value,):
         tokenize_corpus(corpus, int(v))
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
 def main() -> None:
@@ -234,10 +228,8 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "optuna": optuna.__version__,
-                    "torch_threads": torch.get_num_threads()},
+        "machine": machine(torch=torch.__version__, onnxruntime=onnxruntime.__version__, optuna=optuna.__version__,
+                    torch_threads=torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "bench/search_efficiency.py " + " ".join(sys.argv[1:]),
         "setup": {"space": args.space, "device": args.device, "budget_overrides": overrides,

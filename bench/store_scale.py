@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import signal
@@ -37,7 +36,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
+from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -196,8 +195,7 @@ def main() -> None:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
             admin.dispose()
 
-    summary = {b: {op: {"median": statistics.median(v), "min": min(v), "max": max(v),
-                        "cpu_median": statistics.median(CPU[b][op])} for op, v in t.items()}
+    summary = {b: {op: {**spread(v), "cpu_median": statistics.median(CPU[b][op])} for op, v in t.items()}
                for b, t in ops.items()}
     names = list(next(iter(ops.values())))
     print(f"\n{args.trials:,} trials, front of {front_size}; wall-clock seconds, median [min, max] over "
@@ -212,9 +210,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
-                    "python": platform.python_version(),
-                    "sqlalchemy": sqlalchemy.__version__, "postgresql": _pg_version(args) if not args.no_pg else None},
+        "machine": machine(sqlalchemy=sqlalchemy.__version__, postgresql=_pg_version(args) if not args.no_pg else None),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "bench/store_scale.py " + " ".join(sys.argv[1:]),
         "setup": {"trials": args.trials, "rounds": args.rounds, "backends": list(backends), "interleaved": True,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
+from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 from torch import nn
 
 from nas.arch import ArchSpec
@@ -145,7 +143,7 @@ def main() -> None:
             "name": name, "spec": fields, "summary": spec.summary(), "params": n_ours,
             "flop_params": matmul_params, "batch": B, "context": T, "max_abs_logit_diff": diff,
             "ours_tok_s": per_round["ours"], "hf_tok_s": per_round["hf"], "ratio_per_round": ratios,
-            "ours": _spread(per_round["ours"]), "hf": _spread(per_round["hf"]), "ratio": _spread(ratios),
+            "ours": spread(per_round["ours"]), "hf": spread(per_round["hf"]), "ratio": spread(ratios),
             "ours_gflop_s_median": 6 * matmul_params * statistics.median(per_round["ours"]) / 1e9,
             "hf_gflop_s_median": 6 * matmul_params * statistics.median(per_round["hf"]) / 1e9,
         }
@@ -160,11 +158,9 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "torch_threads": torch.get_num_threads(), "device": args.device,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine(torch=torch.__version__, transformers=transformers.__version__,
+                    torch_threads=torch.get_num_threads(), device=args.device,
+                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "bench/train_throughput.py " + " ".join(sys.argv[1:]),
         "setup": {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
@@ -172,10 +168,6 @@ def main() -> None:
         "results": results,
     }, indent=1))
     print(f"wrote {args.out}")
-
-
-def _spread(v: list[float]) -> dict[str, float]:
-    return {"median": float(statistics.median(v)), "min": float(min(v)), "max": float(max(v))}
 
 
 if __name__ == "__main__":

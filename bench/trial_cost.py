@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import cpu_model  # bench/ is on sys.path: the scripts run as python bench/NAME.py
+from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
 from nas.data import load_corpus, tokenize_corpus
 from nas.export import export_onnx, quantize
@@ -170,8 +168,7 @@ def main() -> None:
         print(f"  trial {r['number']}: {r['state']} at {r['stage']} after {r['seconds']:.1f} s ({r['reason']})")
     shares = [t["not_training_share"] for t in trials]
     summary = {"complete_trials": len(trials),
-               "not_training_share": {"median": statistics.median(shares), "min": min(shares),
-                                      "max": max(shares)} if shares else None,
+               "not_training_share": spread(shares) if shares else None,
                "median_share": {k: statistics.median(t["share"][k] for t in trials) for k in PARTS} if trials else None,
                "rejected_trial_seconds": [r["seconds"] for r in rejected]}
     if shares:
@@ -182,10 +179,8 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_1_5_15min_at_end": os.getloadavg(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                    "torch_threads": torch.get_num_threads(), "ort_threads": threads},
+        "machine": machine(torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+                    torch_threads=torch.get_num_threads(), ort_threads=threads),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "bench/trial_cost.py " + " ".join(sys.argv[1:]),
         "setup": {"space": args.space, "device": args.device, "training": train.model_dump(),
