@@ -94,7 +94,7 @@ def llama_config(spec: ArchSpec, *, eos_token_id: int | None = None) -> dict[str
         "num_key_value_heads": spec.n_kv_heads,  # = n_heads (MHA), 1 (MQA), in between (GQA)
         "head_dim": spec.head_dim,
         "hidden_act": spec.activation,
-        "rms_norm_eps": 1e-6,  # nas.model's nn.RMSNorm(eps=1e-6)
+        "rms_norm_eps": 1e-6,  # nas.model.RMSNorm(eps=1e-6)
         "tie_word_embeddings": spec.tied_embeddings,
         "rope_theta": spec.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
