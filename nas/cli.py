@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nas.arch import ArchSpec
+from nas.cli_common import DbOpt, db_url
 from nas.errors import NasError, SpecError
 
 app = typer.Typer(
@@ -475,16 +476,6 @@ def calibrate(
     console.print(table)
 
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default: sqlite:///nas.db in the working "
-                                                        "directory; postgresql://... for several workers).")]
-
-
-def _db(url: str | None) -> str:
-    from nas.store import default_db_url
-
-    return url or default_db_url()
-
-
 def _parse_duration(text: str) -> float:
     """'90s', '30m', '2h', '1h30m' or plain seconds -> seconds."""
     import re
@@ -598,7 +589,7 @@ def search(
 
         sp_train = load_space(space).training.model_copy(update={"tokens": tokens})
     name = study or f"{Path(space).stem}-{Path(device).stem}"
-    cfg = SearchConfig(study=name, space=space, device=device, db_url=_db(db), objectives=objective_names,
+    cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
     import signal
@@ -696,7 +687,7 @@ def _print_pareto(db: str, study: str, as_json: bool) -> None:
 @app.command()
 def studies(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the studies in the database with their trials by state."""
-    with _open_store(_db(db)) as store:
+    with _open_store(db_url(db)) as store:
         rows = store.list_studies()
         fronts = {s.name: len(store.pareto(study=s.name)) for s in rows}
     if as_json:
@@ -705,7 +696,7 @@ def studies(db: DbOpt = None, as_json: JsonOpt = False) -> None:
                            "created_at": s.created_at.isoformat(), "code_version": s.code_version} for s in rows],
                          indent=2))
         return
-    table = Table(title=f"Studies in {_db(db)}")
+    table = Table(title=f"Studies in {db_url(db)}")
     for col in ("study", "space", "device", "complete", "infeasible", "failed", "running", "front", "created"):
         table.add_column(col)
     for s in rows:
@@ -720,7 +711,7 @@ def studies(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 def pareto(study: Annotated[str, typer.Argument(help="Study name (see `nas studies`).")], db: DbOpt = None,
            as_json: JsonOpt = False) -> None:
     """The study's Pareto front: architecture, params, BPB, latencies with their labels, memory, size."""
-    _print_pareto(_db(db), study, as_json)
+    _print_pareto(db_url(db), study, as_json)
 
 
 @app.command()
@@ -728,7 +719,7 @@ def show(study: Annotated[str, typer.Argument(help="Study name.")],
          trial: Annotated[int, typer.Argument(help="Trial number.")], db: DbOpt = None,
          as_json: JsonOpt = False) -> None:
     """One trial: its spec, measurement with provenance, training, score, and why it failed if it did."""
-    with _open_store(_db(db)) as store:
+    with _open_store(db_url(db)) as store:
         t = store.get_trial(study=study, number=trial)
         figures = _trial_figures(store, t)
         spec = store.get_architecture(arch_id=t.arch_id).spec if t.arch_id else None
@@ -790,8 +781,8 @@ def db_upgrade(db: DbOpt = None) -> None:
     Optuna's own and untouched."""
     from nas.store import upgrade
 
-    before, after = upgrade(_db(db))
-    console.print(f"{_db(db)}: schema {before or 'empty'} -> {after}")
+    before, after = upgrade(db_url(db))
+    console.print(f"{db_url(db)}: schema {before or 'empty'} -> {after}")
 
 
 def _host_setup(refresh: bool):

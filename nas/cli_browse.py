@@ -11,13 +11,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from nas.cli_common import DbOpt, db_url
+
 console = Console()
 err_console = Console(stderr=True)
-
-DbOpt = Annotated[
-    str | None,
-    typer.Option("--db", help="Database URL (default: sqlite:///nas.db in the working directory)."),
-]
 
 
 # Help as strings, not docstrings: the help shows a paragraph's line breaks as they are written.
@@ -49,12 +46,6 @@ def register(app: typer.Typer) -> None:
     """Add ``plot`` and ``ui`` to ``app``."""
     app.command("plot", help=PLOT_HELP)(plot)
     app.command("ui", help=UI_HELP)(ui)
-
-
-def _db(url: str | None) -> str:
-    from nas.store import default_db_url
-
-    return url or default_db_url()
 
 
 def plot(
@@ -103,7 +94,7 @@ def plot(
         raise NasError(f"--out {out}: the folder {out.parent} does not exist")
     if max_points < 1:
         raise NasError("--max-points must be at least 1")
-    with Store(_db(db), upgrade=False) as store:
+    with Store(db_url(db), upgrade=False) as store:
         data = plots.load_study(store, study, max_points=max_points)
         others = [plots.load_study(store, name, max_points=max_points) for name in compare or []]
     if color is not None and color not in plots.FIGURES and not any(p.spec and color in p.spec for p in data.points):
@@ -141,12 +132,12 @@ def ui(
         raise NasError(f"--port {port}: give a port between 1 and 65535")
     if refresh <= 0:
         raise NasError("--refresh must be more than 0 seconds")
-    app = create_app(_db(db), refresh_s=refresh)  # opens the database now: a bad URL fails here, in one line
+    app = create_app(db_url(db), refresh_s=refresh)  # opens the database now: a bad URL fails here, in one line
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]listening on {host}: the page has no login; anyone who can reach it can read "
                           "the results[/yellow]")  # fmt: skip
-    console.print(f"nas ui: http://{'[' + host + ']' if ':' in host else host}:{port}/ (read-only, {_db(db)}); "
+    console.print(f"nas ui: http://{'[' + host + ']' if ':' in host else host}:{port}/ (read-only, {db_url(db)}); "
                   "Ctrl-C stops it", highlight=False)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")

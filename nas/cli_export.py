@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nas.cli_common import DbOpt, db_url
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -24,12 +26,6 @@ def register(app: typer.Typer) -> None:
     """Add ``export`` and ``train`` to ``app``."""
     app.command("export")(export)
     app.command("train")(train)
-
-
-def _db(url: str | None) -> str:
-    from nas.store import default_db_url
-
-    return url or default_db_url()
 
 
 def export(
@@ -41,8 +37,7 @@ def export(
                                              "(lowest BPB with decode <= --max-decode-ms).")] = None,
     max_decode_ms: Annotated[float | None, typer.Option(help="Decode latency limit (ms/token) for --pick "
                                                         "best-under.")] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: sqlite:///nas.db in the working "
-                                           "directory).")] = None,
+    db: DbOpt = None,
     force: Annotated[bool, typer.Option(help="Write into a non-empty --out folder, replacing its files.")] = False,
 ) -> None:
     """Export a trial of a study: spec (JSON, YAML), tokenizer, trained weights, the quantized ONNX
@@ -53,7 +48,7 @@ def export(
     """
     from nas.winner import export_winner
 
-    result = export_winner(db_url=_db(db), study=study, out_dir=out, trial=trial, pick=pick,
+    result = export_winner(db_url=db_url(db), study=study, out_dir=out, trial=trial, pick=pick,
                            max_decode_ms=max_decode_ms, force=force,
                            notify=lambda text: err_console.print(f"[dim]{text}[/dim]", highlight=False))
     man = result.manifest
