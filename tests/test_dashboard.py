@@ -7,7 +7,6 @@ port; every wait is bounded, and the server is killed afterwards whatever happen
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -18,22 +17,13 @@ import pytest
 
 from nas.store import Store
 from tests.browse_helpers import ROOT, free_port, wait_for_http
-
-STUDY = "tiny-host"
+from tests.search_helpers import STUDY, tiny_search
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A database from a real two-trial search of the tiny space (about a minute here)."""
-    tmp = tmp_path_factory.mktemp("dashboard")
-    url = f"sqlite:///{tmp / 'nas.db'}"
-    env = dict(os.environ, NAS_CACHE_DIR=str(tmp / "cache"))
-    args = ["search", "--space", "tiny", "--device", "host", "--trials", "2", "--max-bytes", "300000",
-            "--tokens", "8192", "--db", url]  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, env=env, cwd=tmp,
-                       timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    return url
+    """The database of the session's shared real tiny search (tests/search_helpers.py)."""
+    return tiny_search(tmp_path_factory).db
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,37 +37,9 @@ from nas.model import build_model
 from nas.settings import TrainConfig
 from nas.store import Store
 from nas.winner import WinnerError, knee_index, pick_trial, suggest_recipe
+from tests.search_helpers import STUDY, nas, tiny_search
 
 ATOL = 1e-4
-STUDY = "tiny-host"
-# As tests/test_search.py: a 300 kB slice of the stdlib corpus, 8k training tokens per trial.
-SEARCH = ["search", "--space", "tiny", "--device", "host", "--trials", "2", "--max-bytes", "300000",
-          "--tokens", "8192", "--study", STUDY]
-
-
-def nas(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    # Wide enough that rich does not wrap the tables and paths the tests look for.
-    return subprocess.run([sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True,
-                          env={**env, "COLUMNS": "300"}, cwd=cwd, timeout=timeout)
-
-
-def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A finished 2-trial search of the tiny space, run once per test session through the CLI (its
-    own cache and database) and shared by this module and tests/test_full_train.py through a
-    folder under the session's base temp dir."""
-    root = tmp_path_factory.getbasetemp() / "tiny-search"
-    env = dict(os.environ, NAS_CACHE_DIR=str(root / "cache"))
-    db = f"sqlite:///{root / 'nas.db'}"
-    done = root / "done"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        r = nas([*SEARCH, "--db", db], env, root)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        done.write_text("ok")
-    return SimpleNamespace(root=root, env=env, db=db)
-
-
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return tiny_search(tmp_path_factory)

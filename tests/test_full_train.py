@@ -28,7 +28,7 @@ from nas.fulltrain import (
 )
 from nas.hf import llama_incompatibilities
 from nas.winner import load_winner
-from tests.test_export_winner import STUDY, nas, tiny_search
+from tests.search_helpers import STUDY, nas, tiny_search
 
 # 8 steps of 8 x 64 tokens: enough to see the loss move, seconds on two cores.
 SHORT = ["--tokens", "4096", "--eval-every", "4", "--checkpoint-every", "2"]

@@ -1,0 +1,41 @@
+"""One real tiny search shared by every test module that only reads its results (export, full
+training, optuna-dashboard): a real search costs most of those modules' time, and one is enough."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+STUDY = "tiny-host"
+# As tests/test_search.py: a 300 kB slice of the stdlib corpus, 8k training tokens per trial.
+SEARCH = ["search", "--space", "tiny", "--device", "host", "--trials", "2", "--max-bytes", "300000",
+          "--tokens", "8192", "--study", STUDY]
+
+
+def nas(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    # Wide enough that rich does not wrap the tables and paths the tests look for.
+    return subprocess.run([sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True,
+                          env={**env, "COLUMNS": "300"}, cwd=cwd, timeout=timeout)
+
+
+def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A finished 2-trial search of the tiny space, run once per test session through the CLI (its
+    own cache and database) in a folder under the session's base temp dir. Users must only read
+    it: its database is the same for every module."""
+    root = tmp_path_factory.getbasetemp() / "tiny-search"
+    env = dict(os.environ, NAS_CACHE_DIR=str(root / "cache"))
+    db = f"sqlite:///{root / 'nas.db'}"
+    done = root / "done"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        r = nas([*SEARCH, "--db", db], env, root)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        done.write_text("ok")
+    return SimpleNamespace(root=root, env=env, db=db)
