@@ -59,7 +59,9 @@ class HostCalibration:
 def _calibration_path(host: HardwareProfile) -> Path:
     from nas.data import cache_dir
 
-    return cache_dir() / "calibration" / f"{host.name}-{host.fingerprint}.json"
+    # "best": rates from the fastest repeat (measure_worker.calibrate); an older cache file, from
+    # the median, has another name and is measured again rather than trusted.
+    return cache_dir() / "calibration" / f"{host.name}-{host.fingerprint}-best.json"
 
 
 def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int = 10,
