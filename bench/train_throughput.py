@@ -2,17 +2,22 @@
 ``LlamaForCausalLM`` with the same architecture and the same weights, on the same machine.
 
     .venv/bin/python bench/train_throughput.py [--threads 2] [--rounds 5] [--steps 3] [--batch 16] [--quick]
-        [--out bench/results/train_throughput.json]
+        [--device cuda] [--compile] [--peak-tflops T] [--out bench/results/train_throughput.json]
 
 For each architecture (GQA decoders at gqa_small's scale that Llama can express: RMSNorm, gated
 FFN, no layer sharing), our ``nas.model.Decoder`` and a ``LlamaForCausalLM`` built from
 ``nas.hf.llama_config`` and loaded with ``nas.hf.llama_state_dict`` of the same weights are trained
 with the same ``nas.train.train_step`` (same AdamW groups, loss, clipping), same batch, context,
-torch threads and batches. The two alternate in rounds (which one goes first alternates too), each
-round timing ``--steps`` optimizer steps after a warm-up; tokens/s per round, median and spread,
-and the per-round ratio ours/HF. Also the model FLOP rate by the 6·N·tokens estimate (N the
-non-embedding parameters plus the lm_head). CPU only here: on a GPU the same script runs with
-``--device cuda`` (not taken on this machine). Prints a table and writes JSON.
+torch threads and batches. The variants alternate in rounds (their order rotates), each round
+timing ``--steps`` optimizer steps after a warm-up; tokens/s per round, median and spread, and the
+per-round ratio ours/HF. Also the model FLOP rate by the 6·N·tokens estimate (N the non-embedding
+parameters plus the lm_head).
+
+On a GPU (``--device cuda``) training runs in bf16 autocast as the brief training does there,
+``--compile`` adds a ``torch.compile`` variant of each model (compile time is kept out of the
+timed rounds by the warm-up, and reported), and the FLOP rate is also given as model FLOPs
+utilization against the GPU's dense bf16 peak (``--peak-tflops``, or a table of known GPUs).
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -78,13 +83,25 @@ def hf_twin(ours: nn.Module, spec: ArchSpec) -> nn.Module:
     return LogitsOnly(hf)
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a piece of
+# the name torch reports; --peak-tflops overrides. The first match wins, so SXM before PCIe.
+GPU_PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
+                        ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0)]
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    return next((tf for key, tf in GPU_PEAK_BF16_TFLOPS if key in name), None)
+
+
 def timed_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                n: int, start: int, grad_clip: float, device: str) -> float:
+                n: int, start: int, grad_clip: float, device: str, use_bf16: bool = False) -> float:
     """Seconds for ``n`` optimizer steps through ``nas.train.train_step`` (the brief training's own step)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(n):
         x, y = batches[(start + i) % len(batches)]
-        train_step(model, opt, x, y, lr=1e-3, grad_clip=grad_clip, use_bf16=False, step=i, total_steps=n)
+        train_step(model, opt, x, y, lr=1e-3, grad_clip=grad_clip, use_bf16=use_bf16, step=i, total_steps=n)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -97,7 +114,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on cuda training is bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile variant of each model")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the GPU's dense bf16 peak for MFU (default: from a table of known GPUs)")
     ap.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS))
     ap.add_argument("--quick", action="store_true", help="smoke test: one toy spec, 2 rounds of 1 step")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
@@ -109,6 +129,10 @@ def main() -> None:
     cfg = TrainConfig(batch_size=args.batch)
     import transformers
 
+    cuda = args.device.startswith("cuda")
+    use_bf16 = cuda and torch.cuda.is_bf16_supported()  # as nas.train.train_brief decides
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if cuda else None
+    peak = args.peak_tflops or (gpu_peak_tflops(gpu) if gpu else None)
     results = []
     for name, fields in specs.items():
         spec = ArchSpec(**fields)
@@ -123,19 +147,25 @@ def main() -> None:
         x0 = torch.randint(0, spec.vocab_size, (2, T), device=args.device)
         with torch.no_grad():
             diff = (ours(x0) - hf(x0)).abs().max().item()
-        models = {"ours": ours, "hf": hf}
+        # Each variant steps its own model and optimizer; a compiled variant wraps the same module
+        # as its eager twin, so it starts from wherever the eager one's steps left the weights.
+        models: dict[str, nn.Module] = {"ours": ours, "hf": hf}
+        if args.compile:
+            models |= {"ours+compile": torch.compile(ours), "hf+compile": torch.compile(hf)}
         opts = {k: make_optimizer(m, cfg) for k, m in models.items()}
         rng = np.random.default_rng(0)
         windows = [torch.from_numpy(rng.integers(0, spec.vocab_size, (B, T + 1))) for _ in range(4)]
         batches = [(w[:, :-1].contiguous().to(args.device), w[:, 1:].contiguous().to(args.device)) for w in windows]
-        for key in models:
-            timed_steps(models[key], opts[key], batches, args.warmup, 0, cfg.grad_clip, args.device)
-        per_round: dict[str, list[float]] = {"ours": [], "hf": []}
+        warmup_s = {}
+        for key in models:  # the first steps of a compiled variant compile it
+            warmup_s[key] = timed_steps(models[key], opts[key], batches, args.warmup, 0, cfg.grad_clip, args.device,
+                                        use_bf16)
+        keys = list(models)
+        per_round: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(args.rounds):
-            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
-            for key in order:
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                 s = timed_steps(models[key], opts[key], batches, args.steps, r * args.steps, cfg.grad_clip,
-                                args.device)
+                                args.device, use_bf16)
                 per_round[key].append(args.steps * B * T / s)
         ratios = [o / h for o, h in zip(per_round["ours"], per_round["hf"], strict=True)]
         matmul_params = spec.non_embedding_params() + spec.vocab_size * spec.d_model  # + lm_head
@@ -143,28 +173,43 @@ def main() -> None:
             "name": name, "spec": fields, "summary": spec.summary(), "params": n_ours,
             "flop_params": matmul_params, "batch": B, "context": T, "max_abs_logit_diff": diff,
             "ours_tok_s": per_round["ours"], "hf_tok_s": per_round["hf"], "ratio_per_round": ratios,
-            "ours": spread(per_round["ours"]), "hf": spread(per_round["hf"]), "ratio": spread(ratios),
-            "ours_gflop_s_median": 6 * matmul_params * statistics.median(per_round["ours"]) / 1e9,
-            "hf_gflop_s_median": 6 * matmul_params * statistics.median(per_round["hf"]) / 1e9,
+            "ratio": spread(ratios), "warmup_s": warmup_s,
         }
+        for key in keys:
+            med = statistics.median(per_round[key])
+            row[key] = spread(per_round[key])
+            row[f"{key}_gflop_s_median"] = 6 * matmul_params * med / 1e9
+            if peak:
+                row[f"{key}_mfu_median"] = 6 * matmul_params * med / (peak * 1e12)
+        if args.compile:
+            row["ours_tok_s_compiled"] = per_round["ours+compile"]
+            row["hf_tok_s_compiled"] = per_round["hf+compile"]
+            row["ratio_compiled"] = spread([o / h for o, h in zip(per_round["ours+compile"], per_round["hf+compile"],
+                                                                  strict=True)])
         results.append(row)
-        print(f"{name}: {spec.summary()}, {n_ours / 1e6:.1f}M params, batch {B} x {T}, logits agree to {diff:.1e}")
-        for key in ("ours", "hf"):
+        print(f"{name}: {spec.summary()}, {n_ours / 1e6:.1f}M params, batch {B} x {T}, logits agree to {diff:.1e}"
+              f"{', bf16 autocast' if use_bf16 else ''}")
+        for key in keys:
             s = row[key]
-            print(f"  {key:5s} {s['median']:8.0f} tok/s  [{s['min']:.0f}, {s['max']:.0f}]  "
-                  f"~{row[key + '_gflop_s_median']:.0f} GFLOP/s (6·N·tokens)")
+            mfu = f", MFU {row[key + '_mfu_median']:.1%} of {peak:.0f} TFLOP/s" if peak else ""
+            print(f"  {key:13s} {s['median']:8.0f} tok/s  [{s['min']:.0f}, {s['max']:.0f}]  "
+                  f"~{row[key + '_gflop_s_median']:.0f} GFLOP/s (6·N·tokens){mfu}  (warm-up {warmup_s[key]:.1f} s)")
         print(f"  ours/HF per round: median {row['ratio']['median']:.3f} [{row['ratio']['min']:.3f}, "
               f"{row['ratio']['max']:.3f}]")
+        if args.compile:
+            rc = row["ratio_compiled"]
+            print(f"  compiled, ours/HF per round: median {rc['median']:.3f} [{rc['min']:.3f}, {rc['max']:.3f}]")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": machine(torch=torch.__version__, transformers=transformers.__version__,
-                    torch_threads=torch.get_num_threads(), device=args.device,
-                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
+                    torch_threads=torch.get_num_threads(), device=args.device, gpu=gpu,
+                    peak_bf16_tflops=peak),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "bench/train_throughput.py " + " ".join(sys.argv[1:]),
         "setup": {"rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
-                  "batch": args.batch, "interleaved": True, "attn_implementation_hf": "sdpa", "dtype": "float32"},
+                  "batch": args.batch, "interleaved": True, "attn_implementation_hf": "sdpa",
+                  "dtype": "bf16 autocast" if use_bf16 else "float32", "compile": args.compile},
         "results": results,
     }, indent=1))
     print(f"wrote {args.out}")
