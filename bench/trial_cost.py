@@ -7,12 +7,14 @@ training and scoring, from a real search.
 Runs a real ``nas.search.Search`` (the space's default training budget unless ``--tokens``) until
 ``--complete`` trials have been trained and scored (or ``--max-trials`` drawn). The search stores
 per-stage seconds in each complete trial's train JSON (``stage_seconds``): sample, budget,
-measure (export with fresh weights + quantize + measure), train, score (save + export of the
-trained model + quantize + BPB in ONNX Runtime). The rest of the trial's wall clock (writing the
+measure (export with fresh weights + quantize + measure), train, score (save + the trained
+model's fp32 file, written into the measured graph by ``nas.export.reweight`` or traced again +
+quantize + BPB in ONNX Runtime). The rest of the trial's wall clock (writing the
 trial, refreshing the front, Optuna's bookkeeping) is ``report/other``. To split measure and score
 into their parts, the script then times those calls separately (``nas.export.export_onnx``,
-``nas.export.quantize``, ``nas.measure.measure_local``, ``nas.score.score_bpb_onnx``) on the same
-specs and the same trained weights, and divides each stored stage in those proportions.
+``nas.export.reweight``, ``nas.export.quantize``, ``nas.measure.measure_local``,
+``nas.score.score_bpb_onnx``) on the same specs and the same trained weights, and divides each
+stored stage in those proportions.
 Rejected trials (over a budget) are listed with their cost too. Prints a table, writes JSON.
 """
 
@@ -30,7 +32,7 @@ import torch
 from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
 from nas.data import load_corpus, tokenize_corpus
-from nas.export import export_onnx, quantize
+from nas.export import export_onnx, fresh_distinct_model, quantize, reweight
 from nas.hardware import load_profile
 from nas.measure import measure_local
 from nas.model import build_model
@@ -50,12 +52,15 @@ def timed(fn, *a, **kw):
     return out, time.perf_counter() - t0
 
 
-def split_parts(spec, trained_pt: Path, profile, train_cfg, corpus, threads: int) -> dict[str, float]:
-    """Seconds of each part of the measure and score stages, timed one by one on this spec."""
+def split_parts(spec, trained_pt: Path, profile, train_cfg, corpus, threads: int,
+                score_graph: str = "traced") -> dict[str, float]:
+    """Seconds of each part of the measure and score stages, timed one by one on this spec. The
+    trained model's fp32 file is made as the search made it (``score_graph``): the measured graph
+    with the trained weights written in (``nas.export.reweight``), or a new trace."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        fresh, out["export"] = timed(lambda: export_onnx(build_model(spec, 0), d / "m" / "fp32"))
+        fresh, out["export"] = timed(lambda: export_onnx(fresh_distinct_model(spec, 0), d / "m" / "fp32"))
         deployed, out["quantize"] = (fresh, 0.0) if spec.bitwidth == 32 else timed(quantize, fresh, spec.bitwidth,
                                                                                    d / "m")
         _, out["measure"] = timed(measure_local, deployed.path.parent, spec, profile)
@@ -63,7 +68,10 @@ def split_parts(spec, trained_pt: Path, profile, train_cfg, corpus, threads: int
         model = build_model(spec, 0)
         model.load_state_dict(ckpt["state_dict"])
         _, out["save"] = timed(torch.save, ckpt, d / "model.pt")
-        fp32, out["score export"] = timed(export_onnx, model, d / "s" / "fp32")
+        if score_graph == "reweighted":
+            fp32, out["score export"] = timed(reweight, fresh, model, d / "s" / "fp32")
+        else:
+            fp32, out["score export"] = timed(export_onnx, model, d / "s" / "fp32")
         scored, out["score quantize"] = (fp32, 0.0) if spec.bitwidth == 32 else timed(quantize, fp32, spec.bitwidth,
                                                                                       d / "s")
         tc = tokenize_corpus(corpus, spec.vocab_size)  # cached by the search's run: not part of the timing
@@ -137,7 +145,8 @@ def main() -> None:
             continue
         spec = store.get_architecture(arch_id=t.arch_id).spec
         st = t.train["stage_seconds"]
-        parts = split_parts(spec, Path(t.artifact_dir) / "model.pt", profile, train, corpus, threads)
+        parts = split_parts(spec, Path(t.artifact_dir) / "model.pt", profile, train, corpus, threads,
+                            t.train.get("score_graph", "traced"))
         m_sum = parts["export"] + parts["quantize"] + parts["measure"]
         s_sum = parts["save"] + parts["score export"] + parts["score quantize"] + parts["score BPB"]
         seconds = {"sample+budget": st.get("sample", 0.0) + st.get("budget", 0.0), "train": st["train"]}
@@ -148,7 +157,8 @@ def main() -> None:
         seconds["report/other"] = max(0.0, wall[t.number] - sum(st.values()))
         total = sum(seconds.values())
         trials.append({"number": t.number, "summary": spec.summary(), "params": spec.params(),
-                       "bitwidth": spec.bitwidth, "tokens": t.train["tokens"], "train_tokens_per_s":
+                       "bitwidth": spec.bitwidth, "score_graph": t.train.get("score_graph", "traced"),
+                       "tokens": t.train["tokens"], "train_tokens_per_s":
                        t.train["tokens_per_s"], "wall_s": wall[t.number], "stage_seconds_stored": st,
                        "parts_timed_separately_s": parts, "seconds": seconds,
                        "share": {k: v / total for k, v in seconds.items()},

@@ -58,6 +58,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from torch import Tensor, nn
 
 from nas.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
@@ -128,6 +129,9 @@ class ExportedModel:
     """Whether the input embedding table (the Gather) is stored below fp32."""
     lm_head_quantized: bool = False
     dynamic_batch: bool = True
+    made_by: Literal["traced", "reweighted"] = "traced"
+    """How the fp32 graph was made: traced from the model (export_onnx), or an earlier trace of
+    the same spec with this model's weights written in (reweight)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; file paths relative to the model's folder, so the folder can move."""
@@ -338,14 +342,14 @@ def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def _describe(path: Path, *, spec: ArchSpec, bitwidth: int, opset: int, input_names: tuple[str, ...],
               output_names: tuple[str, ...], cache_spec: tuple[CacheInput, ...], logits_dtype: str,
               quantized_ops: tuple[str, ...], embedding_quantized: bool = False,
-              lm_head_quantized: bool = False) -> ExportedModel:
+              lm_head_quantized: bool = False, made_by: str = "traced") -> ExportedModel:
     files = _model_files(path)
     exported = ExportedModel(
         path=path, files=files, total_bytes=sum(f.stat().st_size for f in files),
         input_names=input_names, output_names=output_names, cache_spec=cache_spec,
         logits_dtype=logits_dtype, vocab_size=spec.vocab_size, bitwidth=bitwidth, opset=opset, spec=spec,
         tied_storage="duplicated" if spec.tied_embeddings else "untied", quantized_ops=quantized_ops,
-        embedding_quantized=embedding_quantized, lm_head_quantized=lm_head_quantized,
+        embedding_quantized=embedding_quantized, lm_head_quantized=lm_head_quantized, made_by=made_by,
     )
     (path.parent / MANIFEST_FILE).write_text(json.dumps(exported.to_dict(), indent=1))
     return exported
@@ -414,7 +418,7 @@ def quantize(exported: ExportedModel, bitwidth: int, out_dir: Path) -> ExportedM
 def _redescribe(exported: ExportedModel, path: Path, **changes: Any) -> ExportedModel:
     fields = {k: getattr(exported, k) for k in (
         "spec", "bitwidth", "opset", "input_names", "output_names", "cache_spec", "logits_dtype",
-        "quantized_ops", "embedding_quantized", "lm_head_quantized")}
+        "quantized_ops", "embedding_quantized", "lm_head_quantized", "made_by")}
     fields.update(changes)
     return _describe(path, **fields)
 
@@ -510,12 +514,96 @@ def _opset(proto: onnx.ModelProto) -> int:
 _QUANTIZERS = {16: _quantize_fp16, 8: _quantize_int8, 4: _quantize_int4}
 
 
+# --- new weights into an exported graph ----------------------------------------------------------
+# Tracing a model (export_onnx) costs seconds to tens of seconds; a trial would pay it twice, for
+# the fresh model it measures and for the trained one it scores, and the two graphs differ only in
+# their weights. So the trained model's fp32 file is the measured graph with its weights rewritten
+# (reweight). Two things make that exact: each parameter is an initializer named by its module
+# path in the copy export_onnx traces, and no two parameters share one. The exporter merges
+# initializers of equal value (up to 1024 elements), and in a fresh model every norm's weights
+# are ones and every LayerNorm bias zeros: fresh_distinct_model moves each by a tiny distinct
+# amount before the export that will be reused. Latency does not depend on weight values.
+# reweight checks both conditions and then ORT's logits against torch's before it returns.
+
+_PARAM_PREFIX = "model."  # _FlatCache holds the traced copy as .model
+
+
+def fresh_distinct_model(spec: ArchSpec, seed: int = 0) -> Decoder:
+    """A fresh model (``build_model``) whose export ``reweight`` can later take trained weights
+    into: every parameter of up to 1024 elements, norms' ones and LayerNorm's zeros among them, is
+    moved by a distinct amount of about 1e-3 (relative to 1), so the exporter keeps one
+    initializer per parameter. For measuring latency, which does not depend on weight values."""
+    model = build_model(spec, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() <= 1024:
+                p.add_(torch.rand(p.shape, generator=g) * 1e-3 + 1e-4)
+    return model
+
+
+def reweight(template: ExportedModel, model: Decoder, out_dir: Path, *, atol: float = 1e-3) -> ExportedModel:
+    """``model``'s fp32 export, made by writing its weights into ``template`` (an fp32
+    ``export_onnx`` of a model of the same spec) instead of tracing again. Raises ExportError when
+    the template cannot take them (a parameter merged with another or missing, a shape that
+    differs) or when ONNX Runtime's logits then differ from torch's by more than ``atol``, relative
+    to the largest logit; the caller then traces (``export_onnx``)."""
+    if template.bitwidth != 32:
+        raise ExportError(f"reweight takes an fp32 export as its template, got one at bitwidth {template.bitwidth}")
+    if template.spec != model.spec:
+        raise ExportError(f"the template was exported for {template.spec.summary()}, "
+                          f"the model is {model.spec.summary()}")
+    weights = {_PARAM_PREFIX + k: v.numpy() for k, v in _export_copy(model).named_parameters()}
+    proto = onnx.load(str(template.path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    missing = sorted(set(weights) - set(inits))
+    if missing:
+        raise ExportError(f"template graph has no initializer for {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''} (merged by the exporter?)")
+    for name, value in weights.items():
+        init = inits[name]
+        if tuple(init.dims) != value.shape or init.data_type != onnx.TensorProto.FLOAT:
+            raise ExportError(f"initializer {name} is {tuple(init.dims)}, the model's weight {value.shape}")
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_FILE
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    _save(proto, path)
+    exported = _redescribe(template, path, made_by="reweighted")
+    _check_logits(exported, model, atol)
+    return exported
+
+
+def _check_logits(exported: ExportedModel, model: Decoder, atol: float) -> None:
+    """ORT's logits of a short prefill and one decode step against torch's, on the same model."""
+    spec = model.spec
+    ids = np.random.default_rng(0).integers(0, spec.vocab_size, (1, min(8, spec.context_length)))
+    m = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, cache = m.forward_cached(torch.from_numpy(ids[:, :-1]), m.empty_cache(1))
+        want_step, _ = m.forward_cached(torch.from_numpy(ids[:, -1:]), cache)
+    session = ort_session(exported)
+    got, ort_cache = run_cached(session, exported, ids[:, :-1], None)
+    got_step, _ = run_cached(session, exported, ids[:, -1:], ort_cache)
+    scale = max(1.0, float(np.abs(want.numpy()).max()))
+    err = max(float(np.abs(got - want.numpy()).max()), float(np.abs(got_step - want_step.numpy()).max())) / scale
+    if not err <= atol:
+        raise ExportError(f"reweighted graph's logits differ from torch's by {err:.2e} (relative), over {atol:g}")
+
+
 # --- the whole stage ----------------------------------------------------------------------------
 
 
-def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, seed: int = 0) -> ExportedModel:
+def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, seed: int = 0,
+                like: ExportedModel | None = None) -> ExportedModel:
     """Export ``model`` (or a fresh one built from ``spec`` and ``seed``) and quantize it to
-    ``spec.bitwidth``: the deployed model in ``out_dir``, its fp32 source in ``out_dir/fp32``."""
+    ``spec.bitwidth``: the deployed model in ``out_dir``, its fp32 source in ``out_dir/fp32``.
+
+    ``like``: an earlier ``export_spec`` of the same spec (its files still on disk) whose graph
+    takes ``model``'s weights (``reweight``) instead of a new trace; if it cannot, the model is
+    traced as without it."""
     if spec.bitwidth not in BITWIDTHS:
         raise ExportError(f"bitwidth must be one of {list(BITWIDTHS)}, got {spec.bitwidth!r}")
     if model is None:
@@ -523,10 +611,21 @@ def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, 
     elif model.spec != spec:
         raise ExportError(f"the model was built for {model.spec.summary()}, not for {spec.summary()}")
     out_dir = Path(out_dir)
-    if spec.bitwidth == 32:
-        return export_onnx(model, out_dir)
-    fp32 = export_onnx(model, out_dir / "fp32")
-    return quantize(fp32, spec.bitwidth, out_dir)
+    fp32_dir = out_dir if spec.bitwidth == 32 else out_dir / "fp32"
+    fp32 = None
+    if like is not None:
+        try:
+            fp32 = reweight(fp32_source(like), model, fp32_dir)
+        except (ExportError, OSError, onnx.checker.ValidationError) as e:
+            logging.getLogger(__name__).info("tracing again: %s", e)
+    if fp32 is None:
+        fp32 = export_onnx(model, fp32_dir)
+    return fp32 if spec.bitwidth == 32 else quantize(fp32, spec.bitwidth, out_dir)
+
+
+def fp32_source(deployed: ExportedModel) -> ExportedModel:
+    """The fp32 export an ``export_spec`` result was quantized from (itself at 32 bits)."""
+    return deployed if deployed.bitwidth == 32 else load_exported(deployed.path.parent / "fp32")
 
 
 # --- running --------------------------------------------------------------------------------------

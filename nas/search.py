@@ -8,9 +8,12 @@ A trial (DESIGN.md, "How a trial flows"):
                 memory): over budget ends the trial as infeasible, before any export;
 3. ``measure``  export with fresh weights, quantize, measure or estimate on the profile (reused
                 from the store by arch, profile, bitwidth and workload); over a measured budget
-                ends the trial as infeasible, before any training;
+                ends the trial as infeasible, before any training; the fp32 graph is kept for
+                step 5;
 4. ``train``    brief training with the study's budget;
-5. ``score``    export the trained model, quantize, BPB of the quantized model in ONNX Runtime;
+5. ``score``    the trained model's export (step 3's graph with the trained weights written in,
+                ``nas.export.reweight``; traced again when there is none), quantize, BPB of the
+                quantized model in ONNX Runtime;
 6. report objectives and constraints to Optuna, write the trial to the store, refresh the front.
 
 A failure at any stage marks the trial failed with the stage and the reason; the search goes on.
@@ -235,6 +238,8 @@ class Search:
         # Set by the Ray executor (nas.distributed) where a node advertises the profile's resource:
         # the measure stage then runs on that node, labelled with it.
         self.ray_measure: Any = None
+        # (folder, export) of the running trial's measure stage, kept for its score stage.
+        self._template: tuple[str, Any] | None = None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = load_space(cfg.space)
         profile = load_profile(cfg.device)
@@ -454,7 +459,7 @@ class Search:
 
             stage("score", "export, quantize, BPB in ONNX Runtime")
             trial_dir = self._trial_dir(n)
-            bpb = self._score(spec, model, tc, trial_dir)
+            bpb, made_by = self._score(spec, model, tc, trial_dir)
             stage("report")
             objectives = _objective_values(spec, m, bpb.bpb)
             self._note_worst(objectives)
@@ -466,6 +471,9 @@ class Search:
                 train={"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                        "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
                        "stopped_by": result.stopped_by, "val_tokens": bpb.tokens, "val_bytes": bpb.bytes,
+                       # the scored file: the measured graph with the trained weights ("reweighted")
+                       # or a new trace ("traced": measurement reused from the store, or refused)
+                       "score_graph": made_by,
                        # where the trial's time went, per stage (measure includes export and
                        # quantization; score includes the trained model's export)
                        "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}},
@@ -487,6 +495,8 @@ class Search:
             outcome["state"] = "failed"
             self.events.trial_finished(n, "failed", f"{where}: {reason}")
             raise TrialFailed(reason) from e
+        finally:
+            self._drop_template()
 
     def _infeasible(self, trial: optuna.Trial, spec: ArchSpec, stage: str, reason: str,
                     constraints: dict[str, float], m: Measurement | None, outcome: dict[str, str],
@@ -530,7 +540,7 @@ class Search:
     def _measure(self, spec: ArchSpec) -> tuple[Measurement, int]:
         import tempfile
 
-        from nas.export import export_spec
+        from nas.export import export_spec, fresh_distinct_model
         from nas.measure import MeasurementError
         from nas.pipeline import measure_deployed
 
@@ -548,18 +558,23 @@ class Search:
             if {k: row.workload.get(k) for k in workload_key} == workload_key:
                 return _from_row(row), row.id
         self._host()
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = export_spec(spec, Path(tmp))
-            try:
-                m = measure_deployed(spec, exported.path.parent, c.profile, host=c.host, cal=c.cal,
-                                     require_measured=self.cfg.require_measured,
-                                     ray_measure=self.ray_measure, notify=self._note_once)
-            except MeasurementError as e:
-                # A failure on a device node is not one of this host's figures: label it with the resource.
-                where = "local" if self.ray_measure is None else c.profile.measurement.ray_resource
-                c.store.add_measurement(arch_id=spec.arch_id, profile=c.profile.name, bitwidth=spec.bitwidth,
-                                        label=f"measured:{where}", error=str(e), workload=workload_key)
-                raise
+        # The fresh export stays until the trial ends: its graph takes the trained weights in the
+        # score stage instead of a second trace (nas.export.reweight).
+        self._drop_template()
+        tmp = tempfile.mkdtemp(prefix="nas-measure-")
+        self._template = (tmp, None)
+        exported = export_spec(spec, Path(tmp), model=fresh_distinct_model(spec))
+        self._template = (tmp, exported)
+        try:
+            m = measure_deployed(spec, exported.path.parent, c.profile, host=c.host, cal=c.cal,
+                                 require_measured=self.cfg.require_measured,
+                                 ray_measure=self.ray_measure, notify=self._note_once)
+        except MeasurementError as e:
+            # A failure on a device node is not one of this host's figures: label it with the resource.
+            where = "local" if self.ray_measure is None else c.profile.measurement.ray_resource
+            c.store.add_measurement(arch_id=spec.arch_id, profile=c.profile.name, bitwidth=spec.bitwidth,
+                                    label=f"measured:{where}", error=str(e), workload=workload_key)
+            raise
         row = c.store.add_measurement(
             arch_id=spec.arch_id, profile=c.profile.name, bitwidth=spec.bitwidth, label=m.label,
             prefill_ms=m.prefill.median_ms, prefill_repeats_ms=m.prefill.repeats_ms,
@@ -606,7 +621,7 @@ class Search:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _score(self, spec: ArchSpec, model: Any, tc: Any, trial_dir: Path) -> Any:
+    def _score(self, spec: ArchSpec, model: Any, tc: Any, trial_dir: Path) -> tuple[Any, str]:
         import torch
 
         from nas.export import export_spec
@@ -616,11 +631,22 @@ class Search:
         # The trained weights travel with the spec, so `nas export` and `nas train` can rebuild it.
         torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(),
                     "train_config": self._ctx.train.model_dump()}, trial_dir / "model.pt")
-        exported = export_spec(spec, trial_dir / "onnx", model=model)
-        return score_bpb_onnx(exported, tc, self._ctx.train.eval_tokens,
-                              threads=self._ctx.host.runtime.threads if self._ctx.host else 2)
+        like = self._template[1] if self._template else None
+        exported = export_spec(spec, trial_dir / "onnx", model=model, like=like)
+        bpb = score_bpb_onnx(exported, tc, self._ctx.train.eval_tokens,
+                             threads=self._ctx.host.runtime.threads if self._ctx.host else 2)
+        return bpb, exported.made_by
+
+    def _drop_template(self) -> None:
+        """Delete the measure stage's export (kept for the score stage) once its trial is over."""
+        import shutil
+
+        template, self._template = self._template, None
+        if template is not None:
+            shutil.rmtree(template[0], ignore_errors=True)
 
     def close(self) -> None:
+        self._drop_template()
         self._ctx.store.close()
 
 

@@ -274,3 +274,69 @@ def test_bad_requests_raise_export_errors(trained, tmp_path):
     with pytest.raises(ExportError, match="no exported model"):
         load_exported(tmp_path)
     assert issubclass(ExportError, NasError)
+
+
+# --- the trained model's export from the measured graph (reweight) --------------------------------
+
+
+def _other_weights(spec, seed: int) -> Decoder:
+    """A model of ``spec`` with weights unlike a fresh one's, as after training: norms and biases
+    off their ones and zeros, every matrix moved."""
+    model = build_model(spec, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("attention,sharing,norm,tied", [
+    ("gqa", "block_repeat", "rmsnorm", True), ("mla", "none", "layernorm", False),
+    ("mha", "none", "layernorm", True), ("mqa", "block_repeat", "rmsnorm", False),
+])
+def test_reweighting_the_measured_graph_is_the_trace_of_the_trained_model(attention, sharing, norm, tied, tmp_path):
+    from nas.export import fp32_source, fresh_distinct_model
+
+    spec = make(attention, sharing, norm=norm, tied_embeddings=tied, bitwidth=8)
+    measured = export_spec(spec, tmp_path / "measured", model=fresh_distinct_model(spec))
+    trained = _other_weights(spec, seed=3)
+    reused = export_spec(spec, tmp_path / "reused", model=trained, like=measured)
+    traced = export_spec(spec, tmp_path / "traced", model=trained)
+    assert reused.made_by == "reweighted" and traced.made_by == "traced"
+    assert load_exported(tmp_path / "reused" / "fp32").made_by == "reweighted"  # said in the manifest too
+    src, ref = fp32_source(reused), fp32_source(traced)
+    # the same graph, node for node, the same bytes, and the trained model's outputs
+    nodes = [[(n.op_type, tuple(n.input)) for n in onnx_graph(e).node] for e in (src, ref)]
+    assert nodes[0] == nodes[1] and src.total_bytes == ref.total_bytes
+    ids = np.random.default_rng(0).integers(0, spec.vocab_size, (2, 10))
+    want, _ = _torch_steps(trained.eval(), ids, prompt=6)
+    for g, w in zip(_ort_steps(src, ids, prompt=6)[0], want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    # the quantized files agree as well: quantization sees the same graph and weights
+    for g, w in zip(_ort_steps(reused, ids, prompt=6)[0], _ort_steps(traced, ids, prompt=6)[0], strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def onnx_graph(exported: ExportedModel):
+    import onnx
+
+    return onnx.load(str(exported.path), load_external_data=False).graph
+
+
+def test_a_graph_with_merged_weights_is_refused_and_export_spec_traces_instead(tmp_path):
+    from nas.export import reweight
+
+    spec = make("gqa", "none", norm="layernorm")
+    # A plain fresh model: every norm weight is ones, every bias zeros, and the exporter keeps
+    # one initializer for each group of equal ones: a trained model's norms cannot go back in.
+    merged = export_onnx(build_model(spec, seed=0), tmp_path / "merged")
+    trained = _other_weights(spec, seed=4)
+    with pytest.raises(ExportError, match="merged"):
+        reweight(merged, trained, tmp_path / "x")
+    out = export_spec(spec, tmp_path / "y", model=trained, like=merged)
+    assert out.made_by == "traced"
+    ids = np.random.default_rng(1).integers(0, spec.vocab_size, (1, 5))
+    want, _ = _torch_steps(trained.eval(), ids, prompt=5)
+    np.testing.assert_allclose(_ort_steps(out, ids, prompt=5)[0][0], want[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ExportError, match="exported for"):
+        reweight(merged, build_model(make("mha")), tmp_path / "z")

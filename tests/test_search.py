@@ -52,7 +52,10 @@ def write_profile(path: Path, budgets: str = "", runtime: str = "", device: str 
 
 def test_search_fills_the_store_and_the_optuna_study(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *FAST, "--device", "host", "--trials", "3", "--db", db], env, tmp_path)
+    scratch = tmp_path / "tmp"  # where the measure stage's exports wait for the score stage
+    scratch.mkdir()
+    r = nas(["search", *FAST, "--device", "host", "--trials", "3", "--db", db], dict(env, TMPDIR=str(scratch)),
+            tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Pareto front of tiny-host" in r.stdout
     with Store(db) as store:
@@ -73,6 +76,10 @@ def test_search_fills_the_store_and_the_optuna_study(env, tmp_path):
             assert m.label == "measured:local" and m.profile == "host"
             artifacts = Path(t.artifact_dir)
             assert (artifacts / "model.pt").exists() and (artifacts / "onnx" / "model.onnx").exists()
+            # each architecture is drawn once here, so its score stage reuses its measured graph
+            assert t.train["score_graph"] == "reweighted"
+            assert json.loads((artifacts / "onnx" / "model.json").read_text())["made_by"] == "reweighted"
+        assert not list(scratch.glob("nas-measure-*")), "a trial's measured export was left behind"
         front = store.pareto(study="tiny-host")
         assert front and {t.number for t in front} <= {t.number for t in complete}
         assert study.corpus_fingerprint and study.train_config["tokens"] == 8192 and study.code_version
