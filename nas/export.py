@@ -282,8 +282,7 @@ def export_onnx(model: Decoder, out_dir: Path, *, opset: int = DEFAULT_OPSET) ->
     dynamic_shapes = ({0: b, 1: t}, past_shapes)
 
     path = out_dir / MODEL_FILE
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
+    _remove_model_files(path)
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
@@ -302,6 +301,12 @@ def export_onnx(model: Decoder, out_dir: Path, *, opset: int = DEFAULT_OPSET) ->
     )
     _check_io(exported)
     return exported
+
+
+def _remove_model_files(path: Path) -> None:
+    """Delete a model file and its external data left by an earlier run in the same folder."""
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
 
 
 def _strip_debug_info(model: Any) -> None:
@@ -400,8 +405,7 @@ def quantize(exported: ExportedModel, bitwidth: int, out_dir: Path) -> ExportedM
     if out_dir.resolve() == exported.path.parent.resolve():
         raise ExportError(f"quantize would overwrite its fp32 input in {out_dir}: choose another out_dir")
     path = out_dir / MODEL_FILE
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
+    _remove_model_files(path)
     try:
         with _quiet():
             result = _QUANTIZERS[bitwidth](exported, path)
@@ -553,7 +557,8 @@ def reweight(template: ExportedModel, model: Decoder, out_dir: Path, *, atol: fl
     if template.spec != model.spec:
         raise ExportError(f"the template was exported for {template.spec.summary()}, "
                           f"the model is {model.spec.summary()}")
-    weights = {_PARAM_PREFIX + k: v.numpy() for k, v in _export_copy(model).named_parameters()}
+    m = _export_copy(model)  # what export_onnx traces: parameter names as in the graph
+    weights = {_PARAM_PREFIX + k: v.numpy() for k, v in m.named_parameters()}
     proto = onnx.load(str(template.path))
     inits = {i.name: i for i in proto.graph.initializer}
     missing = sorted(set(weights) - set(inits))
@@ -568,19 +573,18 @@ def reweight(template: ExportedModel, model: Decoder, out_dir: Path, *, atol: fl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
+    _remove_model_files(path)
     _save(proto, path)
     exported = _redescribe(template, path, made_by="reweighted")
-    _check_logits(exported, model, atol)
+    _check_logits(exported, m, atol)
     return exported
 
 
-def _check_logits(exported: ExportedModel, model: Decoder, atol: float) -> None:
-    """ORT's logits of a short prefill and one decode step against torch's, on the same model."""
-    spec = model.spec
+def _check_logits(exported: ExportedModel, m: Decoder, atol: float) -> None:
+    """ORT's logits of a short prefill and one decode step against torch's, on ``m`` (a CPU fp32
+    eval model, as _export_copy makes)."""
+    spec = m.spec
     ids = np.random.default_rng(0).integers(0, spec.vocab_size, (1, min(8, spec.context_length)))
-    m = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     with torch.no_grad():
         want, cache = m.forward_cached(torch.from_numpy(ids[:, :-1]), m.empty_cache(1))
         want_step, _ = m.forward_cached(torch.from_numpy(ids[:, -1:]), cache)

@@ -238,8 +238,8 @@ class Search:
         # Set by the Ray executor (nas.distributed) where a node advertises the profile's resource:
         # the measure stage then runs on that node, labelled with it.
         self.ray_measure: Any = None
-        # (folder, export) of the running trial's measure stage, kept for its score stage.
-        self._template: tuple[str, Any] | None = None
+        # The folder of the running trial's measure-stage export, kept for its score stage.
+        self._template: Path | None = None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = load_space(cfg.space)
         profile = load_profile(cfg.device)
@@ -561,10 +561,8 @@ class Search:
         # The fresh export stays until the trial ends: its graph takes the trained weights in the
         # score stage instead of a second trace (nas.export.reweight).
         self._drop_template()
-        tmp = tempfile.mkdtemp(prefix="nas-measure-")
-        self._template = (tmp, None)
-        exported = export_spec(spec, Path(tmp), model=fresh_distinct_model(spec))
-        self._template = (tmp, exported)
+        self._template = Path(tempfile.mkdtemp(prefix="nas-measure-"))
+        exported = export_spec(spec, self._template, model=fresh_distinct_model(spec))
         try:
             m = measure_deployed(spec, exported.path.parent, c.profile, host=c.host, cal=c.cal,
                                  require_measured=self.cfg.require_measured,
@@ -624,14 +622,14 @@ class Search:
     def _score(self, spec: ArchSpec, model: Any, tc: Any, trial_dir: Path) -> tuple[Any, str]:
         import torch
 
-        from nas.export import export_spec
+        from nas.export import export_spec, load_exported
         from nas.score import score_bpb_onnx
 
         model = model.to("cpu")
         # The trained weights travel with the spec, so `nas export` and `nas train` can rebuild it.
         torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(),
                     "train_config": self._ctx.train.model_dump()}, trial_dir / "model.pt")
-        like = self._template[1] if self._template else None
+        like = load_exported(self._template) if self._template else None  # measured in this trial
         exported = export_spec(spec, trial_dir / "onnx", model=model, like=like)
         bpb = score_bpb_onnx(exported, tc, self._ctx.train.eval_tokens,
                              threads=self._ctx.host.runtime.threads if self._ctx.host else 2)
@@ -643,7 +641,7 @@ class Search:
 
         template, self._template = self._template, None
         if template is not None:
-            shutil.rmtree(template[0], ignore_errors=True)
+            shutil.rmtree(template, ignore_errors=True)
 
     def close(self) -> None:
         self._drop_template()
