@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nas.export import export_spec
-from nas.measure import measure_local
-from nas.pipeline import host_setup
-from nas.space import load_space
+from nas.search.pipeline import host_setup
+from nas.spec.space import load_space
+from nas.stages.export import export_spec
+from nas.stages.measure import measure_local
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:

@@ -28,10 +28,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import optuna
 
-from nas.distributed import RayOptions, run_with_ray
-from nas.search import Search, SearchConfig
-from nas.settings import TrainConfig
-from nas.space import load_space
+from nas.search.ray_executor import RayOptions, run_with_ray
+from nas.search.study import Search, SearchConfig
+from nas.spec.settings import TrainConfig
+from nas.spec.space import load_space
 from nas.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,13 +4,13 @@ against random search, same space, profile, corpus, training budget and wall-clo
     .venv/bin/python bench/search_efficiency.py [--space tiny] [--device host] [--seeds 0 1 2] [--budget-s 220]
         [--set decode_ms_per_token=0.2 --set model_mb=0.5] [--quick] [--out bench/results/search_efficiency.json]
 
-Each (sampler, seed) is a ``nas.search.Search`` on its own SQLite database. The runs are interleaved
+Each (sampler, seed) is a ``nas.search.study.Search`` on its own SQLite database. The runs are interleaved
 in one process: the run that has used the least of its budget runs its next trial (``Search.run_one``,
 the same unit ``nas search`` repeats), so the machine's load falls alike on every run. A run's clock
 is the sum of its own trials' wall-clock seconds; like ``nas search --time``, a trial started
 before the budget ends is finished. From each run's feasible complete trials in the store, the
 hypervolume of the (decode ms, validation BPB) front after each trial, against one reference
-point shared by all runs (``nas.plots.reference_point`` of every feasible point of every run).
+point shared by all runs (``nas.faces.plots.reference_point`` of every feasible point of every run).
 
 ``--set KEY=VALUE`` overrides a budget of the profile (written to a temporary copy of it): the
 default tightens the host's budgets to the tiny space's scale, so that some draws are rejected
@@ -33,10 +33,10 @@ import numpy as np
 import yaml
 from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
-from nas.hardware import list_profile_files, load_profile
-from nas.plots import hypervolume_2d, reference_point
-from nas.search import Search, SearchConfig
-from nas.space import SearchSpace, load_space
+from nas.faces.plots import hypervolume_2d, reference_point
+from nas.search.study import Search, SearchConfig
+from nas.spec.profile import list_profile_files, load_profile
+from nas.spec.space import SearchSpace, load_space
 
 OBJ = ("decode_ms", "val_bpb")
 DEFAULT_SET = ["decode_ms_per_token=0.25", "model_mb=0.5"]
@@ -61,8 +61,8 @@ def warm_caches(space: SearchSpace, max_bytes: int | None) -> None:
     """Fill the on-disk caches every run shares before any clock starts: the host's calibration and
     a tokenizer per vocabulary of the space. Otherwise the first run to draw a vocabulary pays
     for training its tokenizer (minutes on a busy machine) and the others get it free."""
-    from nas.data import load_corpus, tokenize_corpus
-    from nas.pipeline import host_setup
+    from nas.search.pipeline import host_setup
+    from nas.stages.data import load_corpus, tokenize_corpus
 
     host_setup()
     corpus = load_corpus(None, max_bytes=max_bytes)

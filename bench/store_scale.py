@@ -13,7 +13,7 @@ interleaved rounds (backends alternate, every operation once per round), the wal
 
 - ``Store.refresh_pareto`` and ``Store.pareto`` in-process;
 - ``nas pareto STUDY --db URL``, the CLI end to end in a subprocess (interpreter start included);
-- the web page (``nas.web.create_app``, FastAPI's TestClient, in-process): GET of the study page and
+- the web page (``nas.faces.web.app.create_app``, FastAPI's TestClient, in-process): GET of the study page and
   of its figures endpoint, cold (a new app: nothing cached) and warm (the same app again).
 
 Prints a table and writes JSON (median, min, max per operation and backend).
@@ -40,7 +40,7 @@ from _common import machine, spread  # bench/ is on sys.path: the scripts run as
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from nas.space import load_space
+from nas.spec.space import load_space
 from nas.store import Store
 
 PG_ADMIN = os.environ.get("NAS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -153,7 +153,7 @@ def main() -> None:
         try:
             from fastapi.testclient import TestClient
 
-            from nas.web import create_app
+            from nas.faces.web.app import create_app
         except ImportError as e:
             print(f"web page not timed: {e}")
     ops: dict[str, dict[str, list[float]]] = {}

@@ -5,9 +5,9 @@
         [--device cuda] [--compile] [--peak-tflops T] [--out bench/results/train_throughput.json]
 
 For each architecture (GQA decoders at gqa_small's scale that Llama can express: RMSNorm, gated
-FFN, no layer sharing), our ``nas.model.Decoder`` and a ``LlamaForCausalLM`` built from
-``nas.hf.llama_config`` and loaded with ``nas.hf.llama_state_dict`` of the same weights are trained
-with the same ``nas.train.train_step`` (same AdamW groups, loss, clipping), same batch, context,
+FFN, no layer sharing), our ``nas.stages.model.Decoder`` and a ``LlamaForCausalLM`` built from
+``nas.stages.hf.llama_config`` and loaded with ``nas.stages.hf.llama_state_dict`` of the same weights are trained
+with the same ``nas.stages.train.train_step`` (same AdamW groups, loss, clipping), same batch, context,
 torch threads and batches. The variants alternate in rounds (their order rotates), each round
 timing ``--steps`` optimizer steps after a warm-up; tokens/s per round, median and spread, and the
 per-round ratio ours/HF. Also the model FLOP rate by the 6·N·tokens estimate (N the non-embedding
@@ -34,11 +34,11 @@ import torch
 from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 from torch import nn
 
-from nas.arch import ArchSpec
-from nas.hf import llama_config, llama_state_dict
-from nas.model import build_model
-from nas.settings import TrainConfig
-from nas.train import make_optimizer, train_step
+from nas.spec.arch import ArchSpec
+from nas.spec.settings import TrainConfig
+from nas.stages.hf import llama_config, llama_state_dict
+from nas.stages.model import build_model
+from nas.stages.train import make_optimizer, train_step
 
 SPECS = {
     # name -> ArchSpec fields; both are points of gqa_small (5M-60M parameters, context 256)
@@ -95,7 +95,7 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 def timed_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
                 n: int, start: int, grad_clip: float, device: str, use_bf16: bool = False) -> float:
-    """Seconds for ``n`` optimizer steps through ``nas.train.train_step`` (the brief training's own step)."""
+    """Seconds for ``n`` optimizer steps through ``nas.stages.train.train_step`` (the brief training's own step)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def main() -> None:
     import transformers
 
     cuda = args.device.startswith("cuda")
-    use_bf16 = cuda and torch.cuda.is_bf16_supported()  # as nas.train.train_brief decides
+    use_bf16 = cuda and torch.cuda.is_bf16_supported()  # as nas.stages.train.train_brief decides
     gpu = torch.cuda.get_device_name(torch.device(args.device)) if cuda else None
     peak = args.peak_tflops or (gpu_peak_tflops(gpu) if gpu else None)
     results = []

@@ -4,16 +4,16 @@ training and scoring, from a real search.
     .venv/bin/python bench/trial_cost.py [--space gqa_small] [--device host] [--complete 2] [--max-trials 6]
         [--seed 0] [--quick] [--out bench/results/trial_cost.json]
 
-Runs a real ``nas.search.Search`` (the space's default training budget unless ``--tokens``) until
+Runs a real ``nas.search.study.Search`` (the space's default training budget unless ``--tokens``) until
 ``--complete`` trials have been trained and scored (or ``--max-trials`` drawn). The search stores
 per-stage seconds in each complete trial's train JSON (``stage_seconds``): sample, budget,
 measure (export with fresh weights + quantize + measure), train, score (save + the trained
-model's fp32 file, written into the measured graph by ``nas.export.reweight`` or traced again +
+model's fp32 file, written into the measured graph by ``nas.stages.export.reweight`` or traced again +
 quantize + BPB in ONNX Runtime). The rest of the trial's wall clock (writing the
 trial, refreshing the front, Optuna's bookkeeping) is ``report/other``. To split measure and score
-into their parts, the script then times those calls separately (``nas.export.export_onnx``,
-``nas.export.reweight``, ``nas.export.quantize``, ``nas.measure.measure_local``,
-``nas.score.score_bpb_onnx``) on the same specs and the same trained weights, and divides each
+into their parts, the script then times those calls separately (``nas.stages.export.export_onnx``,
+``nas.stages.export.reweight``, ``nas.stages.export.quantize``, ``nas.stages.measure.measure_local``,
+``nas.stages.score.score_bpb_onnx``) on the same specs and the same trained weights, and divides each
 stored stage in those proportions.
 Rejected trials (over a budget) are listed with their cost too. Prints a table, writes JSON.
 """
@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
-from nas.data import load_corpus, tokenize_corpus
-from nas.export import export_onnx, fresh_distinct_model, quantize, reweight
-from nas.hardware import load_profile
-from nas.measure import measure_local
-from nas.model import build_model
-from nas.score import score_bpb_onnx
-from nas.search import Search, SearchConfig
-from nas.settings import TrainConfig
-from nas.space import load_space
+from nas.search.study import Search, SearchConfig
+from nas.spec.profile import load_profile
+from nas.spec.settings import TrainConfig
+from nas.spec.space import load_space
+from nas.stages.data import load_corpus, tokenize_corpus
+from nas.stages.export import export_onnx, fresh_distinct_model, quantize, reweight
+from nas.stages.measure import measure_local
+from nas.stages.model import build_model
+from nas.stages.score import score_bpb_onnx
 from nas.store import Store
 
 PARTS = ("sample+budget", "export", "quantize", "measure", "train", "save", "score export", "score quantize",
@@ -56,7 +56,7 @@ def split_parts(spec, trained_pt: Path, profile, train_cfg, corpus, threads: int
                 score_graph: str = "traced") -> dict[str, float]:
     """Seconds of each part of the measure and score stages, timed one by one on this spec. The
     trained model's fp32 file is made as the search made it (``score_graph``): the measured graph
-    with the trained weights written in (``nas.export.reweight``), or a new trace."""
+    with the trained weights written in (``nas.stages.export.reweight``), or a new trace."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from nas.arch import ArchSpec
+from nas.spec.arch import ArchSpec
 from nas.store import Store
 
 DECODE_BUDGET_MS = 2.0

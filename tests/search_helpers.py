@@ -20,7 +20,7 @@ SEARCH = ["search", "--space", "tiny", "--device", "host", "--trials", "2", "--m
 
 def nas(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     # Wide enough that rich does not wrap the tables and paths the tests look for.
-    return subprocess.run([sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True,
                           env={**env, "COLUMNS": "300"}, cwd=cwd, timeout=timeout)
 
 

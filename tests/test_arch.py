@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.arch import ArchSpec
-from nas.errors import SpecError
-from nas.model import build_model
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import SpecError
+from nas.stages.model import build_model
 
 ATTENTION = {
     "mha": dict(attention="mha", n_heads=4),

@@ -1,4 +1,4 @@
-"""Corpora, tokenizers, caches, batches and the n-gram baseline (nas.data)."""
+"""Corpora, tokenizers, caches, batches and the n-gram baseline (nas.stages.data)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nas import data
-from nas.data import (
+from nas.spec.errors import DataError, NasError
+from nas.spec.files import atomic_write
+from nas.stages import data
+from nas.stages.data import (
     EOS,
     TokenizedCorpus,
     cache_dir,
@@ -21,7 +23,6 @@ from nas.data import (
     train_batches,
     val_windows,
 )
-from nas.errors import DataError, NasError
 
 SUBSET = 400_000  # bytes of the stdlib: enough for a 1024-token BPE, small enough to stay fast
 VOCAB = 512
@@ -337,6 +338,6 @@ def test_ngram_order_other_than_1_or_2_raises(stdlib_tc) -> None:
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     target = tmp_path / "x" / "f.bin"
-    data._atomic_write(target, b"abc")
-    data._atomic_write(target, b"def")
+    atomic_write(target, b"abc")
+    atomic_write(target, b"def")
     assert target.read_bytes() == b"def" and os.listdir(target.parent) == ["f.bin"]

@@ -166,7 +166,7 @@ def test_without_the_device_node_the_search_says_so_once_and_estimates(env, clus
 
 def test_a_worker_killed_mid_trial_fails_that_trial_and_the_search_goes_on(env, cluster, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "60000", "--device", "host", "--trials",
+    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--tokens", "60000", "--device", "host", "--trials",
            "3", "--db", db, "--executor", "ray", "--workers", "2", "--ray-address", cluster]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: dict[str, int] = {}
@@ -209,7 +209,7 @@ def test_sigterm_stops_a_ray_search_and_queues_its_running_trials_again(env, clu
     import optuna
 
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "400000", "--device", "host", "--trials",
+    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--tokens", "400000", "--device", "host", "--trials",
            "4", "--db", db, "--executor", "ray", "--workers", "2", "--ray-address", cluster]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

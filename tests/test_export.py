@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.errors import NasError
-from nas.export import (
+from nas.spec.errors import NasError
+from nas.spec.space import load_space
+from nas.stages.export import (
     ExportedModel,
     ExportError,
     export_onnx,
@@ -25,8 +26,7 @@ from nas.export import (
     quantize,
     run_cached,
 )
-from nas.model import Decoder, build_model
-from nas.space import load_space
+from nas.stages.model import Decoder, build_model
 from tests.test_arch import ATTENTION, SHARING, make
 
 # Real text as byte-level tokens (ids < 256 fit every vocabulary here): to train on briefly and to
@@ -92,7 +92,7 @@ def test_ort_prefill_and_decode_match_torch(attention, sharing, norm, tied, ffn,
     got, got_cache = _ort_steps(exported, ids, prompt=7)
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"call {step}")
-    # The cache comes back in the layout of nas/model.py, with the shapes cache_spec promises.
+    # The cache comes back in the layout of nas/stages/model.py, with the shapes cache_spec promises.
     flat_want = [t.numpy() for pair in want_cache for t in pair]
     for c, w in zip(exported.cache_spec, flat_want, strict=True):
         assert got_cache[c.name].shape == c.concrete_shape(batch=2, past=10) == w.shape
@@ -223,7 +223,7 @@ def test_quantized_files_are_smaller_and_say_what_they_hold(trained):
     assert files[16].logits_dtype == "float16"
     assert {c.dtype for c in files[16].cache_spec} == {"float16"}
     assert {c.dtype for bw in (32, 8, 4) for c in files[bw].cache_spec} == {"float32"}
-    assert files[4].opset == 21  # the int4 quantizer raises it for int4 tensors (see nas/export.py)
+    assert files[4].opset == 21  # the int4 quantizer raises it for int4 tensors (see nas/stages/export.py)
 
 
 # --- the stage and its helpers ---------------------------------------------------------------------
@@ -295,7 +295,7 @@ def _other_weights(spec, seed: int) -> Decoder:
     ("mha", "none", "layernorm", True), ("mqa", "block_repeat", "rmsnorm", False),
 ])
 def test_reweighting_the_measured_graph_is_the_trace_of_the_trained_model(attention, sharing, norm, tied, tmp_path):
-    from nas.export import fp32_source, fresh_distinct_model
+    from nas.stages.export import fp32_source, fresh_distinct_model
 
     spec = make(attention, sharing, norm=norm, tied_embeddings=tied, bitwidth=8)
     measured = export_spec(spec, tmp_path / "measured", model=fresh_distinct_model(spec))
@@ -324,7 +324,7 @@ def onnx_graph(exported: ExportedModel):
 
 
 def test_a_graph_with_merged_weights_is_refused_and_export_spec_traces_instead(tmp_path):
-    from nas.export import reweight
+    from nas.stages.export import reweight
 
     spec = make("gqa", "none", norm="layernorm")
     # A plain fresh model: every norm weight is ones, every bias zeros, and the exporter keeps

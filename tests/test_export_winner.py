@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from nas.arch import ArchSpec
-from nas.errors import NasError
-from nas.hf import (
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.spec.settings import TrainConfig
+from nas.stages.hf import (
     EcosystemError,
     litgpt_config,
     litgpt_incompatibilities,
@@ -33,10 +34,9 @@ from nas.hf import (
     llama_state_dict,
     save_hf,
 )
-from nas.model import build_model
-from nas.settings import TrainConfig
+from nas.stages.model import build_model
 from nas.store import Store
-from nas.winner import WinnerError, knee_index, pick_trial, suggest_recipe
+from nas.winner.folder import WinnerError, knee_index, pick_trial, suggest_recipe
 from tests.search_helpers import STUDY, nas, tiny_search
 
 ATOL = 1e-4
@@ -94,7 +94,7 @@ def test_export_knee_of_a_real_search_writes_everything_a_user_needs(search, tmp
     state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     model = build_model(spec)
     model.load_state_dict(state["state_dict"])
-    from nas.export import load_exported, ort_session, run_cached
+    from nas.stages.export import load_exported, ort_session, run_cached
 
     exported = load_exported(out / "onnx")
     assert exported.bitwidth == spec.bitwidth and exported.path.is_file()

@@ -16,18 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from nas.data import train_batches
-from nas.fulltrain import (
+from nas.stages.data import WindowSampler, train_batches
+from nas.stages.hf import llama_incompatibilities
+from nas.winner.folder import load_winner
+from nas.winner.fulltrain import (
     CHECKPOINTS,
     FullTrainError,
     Overrides,
-    WindowSampler,
     checkpoints,
     corpus_source,
     train_full,
 )
-from nas.hf import llama_incompatibilities
-from nas.winner import load_winner
 from tests.search_helpers import STUDY, nas, tiny_search
 
 # 8 steps of 8 x 64 tokens: enough to see the loss move, seconds on two cores.
@@ -77,7 +76,7 @@ def test_train_stops_at_max_steps_then_resumes_on_the_same_curve_and_exports(exp
     report = json.loads((folder / "trained" / "report.json").read_text())
     spec = load_winner(folder).spec
     assert report["steps"] == 8 and report["val_bpb_onnx"] > 0 and report["onnx_bitwidth"] == spec.bitwidth
-    from nas.export import load_exported, ort_session, run_cached
+    from nas.stages.export import load_exported, ort_session, run_cached
 
     deployed = load_exported(folder / "trained" / "onnx")
     logits, _ = run_cached(ort_session(deployed), deployed, np.array([[1, 2, 3, 4]], dtype=np.int64), None)
@@ -95,7 +94,7 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint_and_the_run_resu
     folder = copy_of(exported, tmp_path, "signal")
     # A budget far longer than the test: it must be the signal that stops it.
     args = ["train", str(folder), "--tokens", "500000", "--eval-every", "100000", "--checkpoint-every", "100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "nas", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**exported.env, "COLUMNS": "300"}, cwd=exported.root)
     try:
         deadline = time.monotonic() + 120
@@ -156,7 +155,7 @@ def test_the_study_subset_is_kept_only_while_the_budget_is_a_few_epochs_of_it(ex
 
 
 def test_cpu_defaults_and_bad_device_settings(exported, tmp_path):
-    from nas.fulltrain import _device_settings
+    from nas.winner.fulltrain import _device_settings
 
     assert _device_settings("cpu", None, None) == ("cpu", False, False)  # no bf16, no compile on the CPU
     with pytest.raises(FullTrainError, match="--bf16 needs --device cuda"):

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from nas.arch import ArchSpec
-from nas.errors import ConfigError, NasError
-from nas.hardware import (
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import ConfigError, NasError
+from nas.spec.profile import (
     HardwareProfile,
     analytic_budget_check,
     list_profile_files,
@@ -25,7 +25,7 @@ from nas.hardware import (
     min_peak_memory_bytes,
     parse_profile,
 )
-from nas.space import load_space
+from nas.spec.space import load_space
 
 SHIPPED = sorted(list_profile_files())
 
@@ -247,7 +247,7 @@ def test_each_device_rejects_some_gqa_small_specs_but_not_most():
 
 
 def test_hardware_module_imports_without_torch_or_onnxruntime():
-    code = ("import sys, nas.hardware; bad = {'torch', 'onnxruntime'} & set(sys.modules); "
+    code = ("import sys, nas.spec.profile; bad = {'torch', 'onnxruntime'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from nas.estimate import HostCalibration, calibrate_host, estimate, fit_corrections, roofline_factors
-from nas.export import export_spec
-from nas.hardware import load_profile
-from nas.measure import MeasurementError, _failure_reason, measure_local
-from nas.pipeline import budget_constraints
-from nas.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, LatencyStats, Measurement
+from nas.search.pipeline import budget_constraints
+from nas.spec.profile import load_profile
+from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, LatencyStats, Measurement
+from nas.stages.estimate import HostCalibration, calibrate_host, estimate, fit_corrections, roofline_factors
+from nas.stages.export import export_spec
+from nas.stages.measure import MeasurementError, _failure_reason, measure_local
 from tests.test_arch import make
 
 SPEC = make("gqa", vocab_size=512, d_model=64, head_dim=16, context_length=64, bitwidth=8)
@@ -74,7 +74,7 @@ def test_a_hung_measurement_times_out_and_is_killed(exported: Path):
     with pytest.raises(MeasurementError, match=r"timed out after 1\.5 s"):
         measure_local(exported, SPEC, load_profile("host"), timeout_s=1.5, warmup=1, repeats=10**6,
                       max_phase_seconds=1e6)
-    out = subprocess.run(["pgrep", "-f", "nas.measure_worker"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", "nas.stages.measure_worker"], capture_output=True, text=True)
     assert out.stdout.strip() == ""  # the worker's whole process group is gone
 
 
@@ -147,7 +147,7 @@ def test_host_calibration_is_measured_once_then_cached(cache: Path, monkeypatch:
 def test_cli_measure_prints_labelled_figures(device: str, label: str, cache: Path, tmp_path: Path):
     arch = tmp_path / "arch.json"
     arch.write_text(SPEC.canonical_json())
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "measure", "--device", device, "--space", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "nas", "measure", "--device", device, "--space", "tiny",
                            "--arch-json", str(arch), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -158,6 +158,6 @@ def test_cli_measure_prints_labelled_figures(device: str, label: str, cache: Pat
 
 
 def test_cli_require_measured_refuses_an_estimate(cache: Path, tmp_path: Path):
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "measure", "--device", "laptop", "--space", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "nas", "measure", "--device", "laptop", "--space", "tiny",
                            "--require-measured"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "can only be estimated" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nas.model import build_model
+from nas.stages.model import build_model
 from tests.test_arch import ATTENTION, SHARING, make
 
 

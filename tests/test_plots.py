@@ -1,4 +1,4 @@
-"""The figures of a study (nas.plots) and `nas plot`: what each figure shows, read through the
+"""The figures of a study (nas.faces.plots) and `nas plot`: what each figure shows, read through the
 store from a synthetic study that holds every kind of trial (tests/browse_helpers.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nas import plots
+from nas.faces import plots
 from nas.store import Store
 from tests.browse_helpers import DECODE_BUDGET_MS, ROOT, keep_artifact, make_study, require_chromium
 
@@ -133,7 +133,7 @@ def test_page_is_self_contained(tmp_path, data):
 
 
 def nas(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)  # fmt: skip
 
 

@@ -29,7 +29,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def nas(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
 
 
@@ -169,7 +169,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_a_search_killed_mid_trial_resumes_without_losing_finished_trials(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "40000", "--device", "host",
+    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--tokens", "40000", "--device", "host",
            "--trials", "6", "--db", db]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = Store(db)
@@ -208,7 +208,7 @@ def test_a_search_killed_mid_trial_resumes_without_losing_finished_trials(env, t
 
 
 def _two_workers(db: str, env: dict[str, str], cwd: Path) -> None:
-    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--device", "host", "--trials", "2", "--study", "shared",
+    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--device", "host", "--trials", "2", "--study", "shared",
            "--db", db]
     procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -236,7 +236,7 @@ def test_two_workers_share_a_study_on_postgresql(env, tmp_path, pg_admin):
 
 def test_sigterm_stops_cleanly_and_queues_the_running_trial_again(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    cmd = [sys.executable, "-m", "nas.cli", "search", *FAST, "--tokens", "200000", "--device", "host",
+    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--tokens", "200000", "--device", "host",
            "--trials", "3", "--db", db]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     store = Store(db)

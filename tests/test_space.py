@@ -10,9 +10,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas.errors import ConfigError, NasError
-from nas.expr import Expr, ExprError
-from nas.space import InvalidSample, list_space_files, load_space, parse_space
+from nas.spec.errors import ConfigError, NasError
+from nas.spec.expr import Expr, ExprError
+from nas.spec.space import InvalidSample, list_space_files, load_space, parse_space
 
 SHIPPED = sorted(list_space_files())
 
@@ -136,7 +136,7 @@ def test_unknown_space_name_lists_the_known_ones():
 def test_cli_reports_a_bad_space_in_one_line_with_exit_2(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(MINIMAL + "  norm: {choices: [batchnorm]}\n")
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "spaces", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "nas", "spaces", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -145,7 +145,7 @@ def test_cli_reports_a_bad_space_in_one_line_with_exit_2(tmp_path):
 
 
 def test_cli_sample_prints_specs_as_json():
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "sample", "--space", "tiny", "-n", "3", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "nas", "sample", "--space", "tiny", "-n", "3", "--json"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
@@ -168,7 +168,8 @@ def test_expressions_evaluate_and_refuse_unsafe_constructs():
 
 def test_shipped_spaces_are_found_outside_a_checkout(tmp_path):
     # the wheel carries them under nas/_data; the lookup must not depend on the working directory
-    proc = subprocess.run([sys.executable, "-c", "from nas.space import load_space; print(load_space('tiny').path)"],
+    code = "from nas.spec.space import load_space; print(load_space('tiny').path)"
+    proc = subprocess.run([sys.executable, "-c", code],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).name == "tiny.yaml"

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from nas.arch import ArchSpec
+from nas.spec.arch import ArchSpec
 from nas.store import (
     Objective,
     Store,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from nas.data import TokenizedCorpus, load_corpus, tokenize_corpus
-from nas.errors import TrainingError
-from nas.model import build_model
-from nas.settings import TrainConfig
-from nas.train import evaluate_bpb, lr_at, train_brief
+from nas.spec.errors import TrainingError
+from nas.spec.settings import TrainConfig
+from nas.stages.data import TokenizedCorpus, load_corpus, tokenize_corpus
+from nas.stages.model import build_model
+from nas.stages.train import evaluate_bpb, lr_at, train_brief
 from tests.test_arch import make
 
 VOCAB = 512
@@ -137,8 +137,8 @@ def test_a_corpus_of_another_vocabulary_is_refused(stdlib_512):
 def test_onnx_score_of_the_fp32_export_matches_torch_and_quantized_ones_stay_close(stdlib_512, tmp_path):
     import dataclasses
 
-    from nas.export import export_spec
-    from nas.score import score_bpb_onnx
+    from nas.stages.export import export_spec
+    from nas.stages.score import score_bpb_onnx
 
     spec = tiny_spec()
     model, _ = train_brief(spec, stdlib_512, CFG)

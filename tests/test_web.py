@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from nas.errors import NasError
+from nas.faces.web.app import create_app
+from nas.spec.errors import NasError
 from nas.store import Store
-from nas.web import create_app
 from tests.browse_helpers import (
     CHROMIUM_ARGS,
     free_port,
@@ -151,7 +151,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 def test_nas_ui_serves_on_loopback_only_by_default(db, tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "ui", "--db", db, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "nas", "ui", "--db", db, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/studies", timeout_s=60, proc=proc)
@@ -161,7 +161,7 @@ def test_nas_ui_serves_on_loopback_only_by_default(db, tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    r = subprocess.run([sys.executable, "-m", "nas.cli", "ui", "--db", f"sqlite:///{tmp_path / 'absent.db'}"],
+    r = subprocess.run([sys.executable, "-m", "nas", "ui", "--db", f"sqlite:///{tmp_path / 'absent.db'}"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "nas db upgrade" in r.stderr and "Traceback" not in r.stderr
 

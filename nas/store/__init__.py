@@ -14,6 +14,9 @@ commands and the web page start fast.
 
 Optuna's own tables may live in the same database (``optuna.storages.RDBStorage(url)``); ours
 are the ``nas_*`` tables under their own alembic history (``nas_alembic_version``).
+
+May import: ``nas.spec`` and ``nas.store`` (SQLAlchemy; alembic only to migrate); never torch,
+ONNX Runtime, Optuna, the stages or the search.
 """
 
 from nas.store._engine import StoreError, default_db_url, harden_foreign_sqlite_engine, make_engine, session_scope

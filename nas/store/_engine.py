@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from nas.errors import NasError
+from nas.spec.errors import NasError
 
 SQLITE_TIMEOUT_S = 60.0
 _BEGIN_OPTION = "nas_sqlite_begin"

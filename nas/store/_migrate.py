@@ -30,7 +30,7 @@ _PG_LOCK_KEY = 0x6E61735F64622021
 
 def migrations_dir() -> Path:
     """The checkout's ``alembic/`` (source or editable install), else the copy shipped in the
-    wheel under ``nas/_data/alembic`` (as :func:`nas.space.space_dirs` finds search spaces).
+    wheel under ``nas/_data/alembic`` (as :func:`nas.spec.files.definition_dirs` finds search spaces).
 
     Checked by its ``env.py``: for an installed wheel the checkout path is
     ``site-packages/alembic``, which is the alembic library itself.

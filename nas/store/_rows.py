@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nas.arch import ArchSpec
+from nas.spec.arch import ArchSpec
 
 
 def as_utc(value: datetime | None) -> datetime | None:

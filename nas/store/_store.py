@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from nas.arch import BITWIDTHS, ArchSpec
+from nas.spec.arch import BITWIDTHS, ArchSpec
 from nas.store._engine import (
     StoreError,
     default_db_url,

@@ -18,16 +18,17 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nas.errors import DataError
+from nas.spec.errors import DataError
+from nas.spec.files import atomic_write
 
 DEFAULT_CORPUS = "stdlib"
 EOS = "<|endoftext|>"
@@ -283,7 +284,7 @@ def _tokenizer_and_hash(corpus: Corpus, vocab_size: int) -> tuple[Tokenizer, str
             else:
                 tok = _train_tokenizer(corpus, vocab_size)
                 text = tok.to_str()
-                _atomic_write(path, text.encode())
+                atomic_write(path, text)
             # Text that happens to contain "<|endoftext|>" must be encoded as those 13 bytes;
             # only the separator that tokenize_corpus inserts is the special token.
             tok.encode_special_tokens = True
@@ -311,30 +312,6 @@ def _train_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)  # a file object, so numpy does not append its own ".npy"
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Tokenized corpus
 # ---------------------------------------------------------------------------------------------
@@ -358,13 +335,32 @@ _ENCODE_BATCH_DOCS = 256  # bounds the memory of the Encoding objects for a 13 M
 
 
 def tokenize_corpus(corpus: Corpus, vocab_size: int) -> TokenizedCorpus:
-    """Token ids of both splits (documents each followed by EOS), cached on disk as .npy."""
+    """Token ids of both splits (documents each followed by EOS), cached on disk as .npy, with
+    the tokenizer trained for (corpus, vocab_size)."""
     tok, tok_hash = _tokenizer_and_hash(corpus, vocab_size)
-    folder = cache_dir() / "tokens" / f"{corpus.fingerprint}-{vocab_size}"
+    return encode_corpus(corpus, tok, tok_hash, cache_dir() / "tokens" / f"{corpus.fingerprint}-{vocab_size}")
+
+
+def tokenize_with_file(corpus: Corpus, tokenizer_path: Path, vocab_size: int, cache: Path) -> TokenizedCorpus:
+    """Both splits encoded with a tokenizer file (an exported winner's), cached under ``cache`` by
+    (corpus fingerprint, tokenizer hash): the same ids and byte counts as :func:`tokenize_corpus`
+    gives with that tokenizer, so BPB means the same in a full run as in the search."""
+    text = tokenizer_path.read_text(encoding="utf-8")
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    tok = Tokenizer.from_str(text)
+    tok.encode_special_tokens = True  # only the separator we insert is the special token
+    if tok.get_vocab_size() != vocab_size:
+        raise DataError(f"{tokenizer_path} has {tok.get_vocab_size()} tokens, the spec wants {vocab_size}")
+    return encode_corpus(corpus, tok, sha, cache / f"{corpus.fingerprint}-{sha[:16]}")
+
+
+def encode_corpus(corpus: Corpus, tok: Tokenizer, tok_hash: str, folder: Path) -> TokenizedCorpus:
+    """Both splits of ``corpus`` encoded with ``tok``, cached in ``folder``. The ids are only valid
+    for the exact tokenizer that made them (a tokenizer that was deleted and retrained may
+    differ), so the cache records the tokenizer's hash and is redone on a mismatch."""
+    vocab_size = tok.get_vocab_size()
     meta_path = folder / "meta.json"
     names = ("train.npy", "val.npy", "token_bytes.npy")
-    # The ids are only valid for the exact tokenizer that made them: a tokenizer file that was
-    # deleted and retrained may differ, so the cache records which one it belongs to.
     if meta_path.exists() and all((folder / n).exists() for n in names):
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -372,7 +368,8 @@ def tokenize_corpus(corpus: Corpus, vocab_size: int) -> TokenizedCorpus:
             meta = {}
         if meta.get("tokenizer_sha256") == tok_hash:
             train, val, tb = (np.load(folder / n, mmap_mode="r") for n in names)
-            return _tokenized(corpus.fingerprint, vocab_size, train, val, np.asarray(tb))
+            # token_bytes as a writable copy: evaluate_bpb hands it to torch, which warns on a read-only map
+            return _tokenized(corpus.fingerprint, vocab_size, train, val, np.array(tb))
 
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
     eos = tok.token_to_id(EOS)
@@ -381,9 +378,9 @@ def tokenize_corpus(corpus: Corpus, vocab_size: int) -> TokenizedCorpus:
     tb = _token_bytes(tok, vocab_size)
     # meta.json last: it marks the three arrays beside it as complete and consistent.
     for n, arr in zip(names, (train, val, tb), strict=True):
-        _atomic_save_npy(folder / n, arr)
-    _atomic_write(meta_path, json.dumps({"tokenizer_sha256": tok_hash, "corpus": corpus.name,
-                                         "vocab_size": vocab_size}).encode())
+        atomic_write(folder / n, lambda f, a=arr: np.save(f, a))  # a file object: no extra .npy
+    atomic_write(meta_path, json.dumps({"tokenizer_sha256": tok_hash, "corpus": corpus.name,
+                                        "fingerprint": corpus.fingerprint, "vocab_size": vocab_size}))
     return _tokenized(corpus.fingerprint, vocab_size, train, val, tb)
 
 
@@ -420,20 +417,41 @@ def _token_bytes(tok: Tokenizer, vocab_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+class WindowSampler:
+    """Random training windows: inputs ids[i:i+T] and targets ids[i+1:i+T+1], int64 (B, T).
+
+    The generator's state is exposed (:meth:`state`, :meth:`restore`), so that a checkpoint saves
+    the data position and a resumed run draws the very windows an uninterrupted one would."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
+        if batch_size <= 0 or seq_len <= 0:
+            raise DataError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+        self.ids, self.batch_size, self.seq_len = ids, batch_size, seq_len
+        self.n_starts = len(ids) - seq_len  # a window needs seq_len + 1 tokens
+        if self.n_starts <= 0:
+            raise DataError(f"the training split has {len(ids):,} tokens, fewer than one window of "
+                            f"seq_len + 1 = {seq_len + 1}")
+        self.rng = np.random.default_rng(seed)
+        self.offsets = np.arange(seq_len + 1)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        starts = self.rng.integers(0, self.n_starts, size=self.batch_size)
+        w = np.asarray(self.ids[starts[:, None] + self.offsets], dtype=np.int64)  # (B, T+1)
+        return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
+
+
 def train_batches(ids: np.ndarray, batch_size: int, seq_len: int,
                   seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless random windows: inputs ids[i:i+T] and targets ids[i+1:i+T+1], int64 [B, T]."""
-    if batch_size <= 0 or seq_len <= 0:
-        raise DataError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
-    n_starts = len(ids) - seq_len  # a window needs seq_len + 1 tokens
-    if n_starts <= 0:
-        raise DataError(f"{len(ids):,} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}")
-    rng = np.random.default_rng(seed)
-    offsets = np.arange(seq_len + 1)
+    """Endless random windows, as :class:`WindowSampler` draws them."""
+    sampler = WindowSampler(ids, batch_size, seq_len, seed)
     while True:
-        starts = rng.integers(0, n_starts, size=batch_size)
-        w = np.asarray(ids[starts[:, None] + offsets], dtype=np.int64)  # (B, T+1)
-        yield np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+        yield sampler.next()
 
 
 def val_windows(ids: np.ndarray, seq_len: int,

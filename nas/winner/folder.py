@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from nas.arch import ArchSpec
-from nas.errors import NasError
-from nas.settings import TrainConfig
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.spec.settings import TrainConfig
 
 if TYPE_CHECKING:
-    from nas.data import Corpus
+    from nas.stages.data import Corpus
     from nas.store import Store, StudyRow, TrialRow
 
 EXPORT_FORMAT = "nas-export-v1"
@@ -214,7 +214,7 @@ def suggest_recipe(spec: ArchSpec, brief: TrainConfig, *, tokens: int | None = N
       this size.
     - Warm-up: 2% of the steps, at least 100 and at most 2,000, never over 10% of the run.
     - Schedule: cosine from the peak to ``brief.min_lr_ratio`` of it, as the brief training
-      (``nas.train.lr_at``), AdamW with the brief run's betas, weight decay and clipping.
+      (``nas.stages.train.lr_at``), AdamW with the brief run's betas, weight decay and clipping.
 
     ``tokens``, ``batch_size`` and ``lr`` given replace the suggestion (the rest is derived from
     them); ``train_tokens`` (the corpus's training split) adds how many epochs a budget is.
@@ -258,7 +258,7 @@ def suggest_recipe(spec: ArchSpec, brief: TrainConfig, *, tokens: int | None = N
         "lr": lr,
         "lr_rule": lr_rule,
         "warmup_steps": warmup,
-        "schedule": "linear warm-up, then cosine decay to min_lr_ratio x lr (nas.train.lr_at)",
+        "schedule": "linear warm-up, then cosine decay to min_lr_ratio x lr (nas.stages.train.lr_at)",
         "min_lr_ratio": brief.min_lr_ratio,
         "optimizer": {"name": "AdamW", "betas": [brief.beta1, brief.beta2], "weight_decay": brief.weight_decay,
                       "decay": "matrices only", "grad_clip": brief.grad_clip},
@@ -309,16 +309,16 @@ class WinnerExport:
 
 
 def _tokenizer_cache_path(fingerprint: str, vocab_size: int) -> Path:
-    from nas.data import cache_dir
+    from nas.stages.data import cache_dir
 
-    # The layout of nas.data's tokenizer cache (``_tokenizer_and_hash``): one file per
+    # The layout of nas.stages.data's tokenizer cache (``_tokenizer_and_hash``): one file per
     # (corpus fingerprint, vocab size).
     return cache_dir() / "tokenizers" / f"{fingerprint}-{vocab_size}.json"
 
 
 def study_corpus(study: StudyRow) -> Corpus:
     """The study's corpus rebuilt from its row, its fingerprint checked against the stored one."""
-    from nas.data import load_corpus
+    from nas.stages.data import load_corpus
 
     extra = study.extra or {}
     data = extra.get("data") or "stdlib"
@@ -357,9 +357,9 @@ def export_winner(*, db_url: str, study: str, out_dir: Path, trial: int | None =
     only; the trial's artifacts are copied, never moved."""
     import torch
 
-    from nas.data import EOS, get_tokenizer, tokenize_corpus
-    from nas.export import load_exported
-    from nas.hf import (
+    from nas.stages.data import EOS, get_tokenizer, tokenize_corpus
+    from nas.stages.export import load_exported
+    from nas.stages.hf import (
         LITGPT_CONFIG,
         litgpt_config,
         litgpt_incompatibilities,
@@ -367,7 +367,7 @@ def export_winner(*, db_url: str, study: str, out_dir: Path, trial: int | None =
         llama_incompatibilities,
         save_hf,
     )
-    from nas.model import build_model
+    from nas.stages.model import build_model
     from nas.store import Store
 
     say = notify or (lambda text: None)
@@ -408,7 +408,7 @@ def export_winner(*, db_url: str, study: str, out_dir: Path, trial: int | None =
     deployed = load_exported(out_dir / "onnx")
     (out_dir / "arch.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     (out_dir / "arch.yaml").write_text(
-        f"# {spec.summary()}  (arch_id {spec.arch_id}); ArchSpec fields, see nas/arch.py\n"
+        f"# {spec.summary()}  (arch_id {spec.arch_id}); ArchSpec fields, see nas/spec/arch.py\n"
         + yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
     brief = TrainConfig(**(checkpoint.get("train_config") or st.train_config))
@@ -489,7 +489,7 @@ def load_winner(folder: Path) -> WinnerExport:
 
 
 def _profile_budgets(name: str) -> dict[str, Any]:
-    from nas.hardware import load_profile
+    from nas.spec.profile import load_profile
 
     try:
         p = load_profile(name)
@@ -608,7 +608,7 @@ def render_readme(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
         f"`{manifest['corpus']['fingerprint']}`); documents end with `{manifest['tokenizer']['eos_token']}` "
         f"(id {manifest['tokenizer']['eos_token_id']}), nothing is prepended.",
         "- `model.pt`: the trained weights, `{\"spec\", \"state_dict\", \"train_config\"}`; "
-        "`nas.model.build_model(spec).load_state_dict(...)`.",
+        "`nas.stages.model.build_model(spec).load_state_dict(...)`.",
         f"- `onnx/`: the deployed model, {onnx['bitwidth']}-bit (`model.onnx` + `model.onnx.data`, `model.json` "
         "describes the inputs: `input_ids`, `past.{i}.*` -> `logits`, `present.{i}.*`)"
         + ("; `onnx/fp32/` is its fp32 source." if onnx["bitwidth"] != 32 else ".")
@@ -633,7 +633,7 @@ def render_readme(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
         lines += ["- Hugging Face: **not written** — `LlamaConfig` cannot express this architecture:"]
         lines += [f"  - {r}" for r in hf["not_expressible"]]
         lines += ["  A Llama config would load but compute another function, so none is given; use `model.pt` with "
-                  "`nas.model`, or `onnx/`."]
+                  "`nas.stages.model`, or `onnx/`."]
     lit = manifest["litgpt"]
     if lit["dir"]:
         lines.append("- `litgpt/model_config.yaml`: litgpt `Config` fields (config only; read its header).")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nas.arch import ArchSpec
+from nas.spec.arch import ArchSpec
 
 Cache = list[tuple[Tensor, Tensor]]
 

@@ -2,7 +2,7 @@
 
 Scoring the file a device would run, not the PyTorch model it came from, makes the quality figure
 honest about quantization error (DESIGN.md, "Quality"). Same windows, targets and byte counts as
-``nas.train.evaluate_bpb``, so the two compare directly: their gap is the quantization's cost.
+``nas.stages.train.evaluate_bpb``, so the two compare directly: their gap is the quantization's cost.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 
-from nas.data import TokenizedCorpus, stack_windows, val_windows
-from nas.errors import NasError
-from nas.export import ExportedModel, ort_session, run_cached
-from nas.train import BpbResult
+from nas.spec.errors import NasError
+from nas.stages.data import TokenizedCorpus, stack_windows, val_windows
+from nas.stages.export import ExportedModel, ort_session, run_cached
+from nas.stages.train import BpbResult
 
 
 def _nll_nats(logits: np.ndarray, targets: np.ndarray) -> float:

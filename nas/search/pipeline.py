@@ -18,12 +18,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from nas.arch import ArchSpec
-from nas.errors import NasError
-from nas.estimate import HostCalibration, calibrate_host, calibrated_profile, estimate, fit_corrections
-from nas.hardware import HardwareProfile, load_profile
-from nas.measure import measure_local
-from nas.results import Measurement
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.spec.profile import HardwareProfile, load_profile
+from nas.spec.results import Measurement
+from nas.stages.estimate import HostCalibration, calibrate_host, calibrated_profile, estimate, fit_corrections
+from nas.stages.measure import measure_local
 
 HOST_PROFILE = "host"
 
@@ -47,7 +47,7 @@ def device_corrections(profile: HardwareProfile, host: HardwareProfile, cal: Hos
     """(decode, prefill) correction factors from the profile's calibration points: each point's
     arch is exported and measured here on the profile's workload, estimated, and compared with the
     figure measured on the device. (1, 1) without points. Memoized per profile fingerprint."""
-    from nas.export import export_spec
+    from nas.stages.export import export_spec
 
     if not profile.calibration:
         return (1.0, 1.0)
@@ -74,7 +74,7 @@ def measure_deployed(
     ray_measure: Callable[[ArchSpec, Path, HardwareProfile], Measurement] | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> Measurement:
-    """The labelled figures of the deployed model in ``model_dir`` (from ``nas.export``) on ``profile``."""
+    """The labelled figures of the deployed model in ``model_dir`` (from ``nas.stages.export``) on ``profile``."""
     where = profile.measurement.where
     if where == "local":
         return measure_local(model_dir, spec, profile)

@@ -12,7 +12,7 @@ A trial (DESIGN.md, "How a trial flows"):
                 step 5;
 4. ``train``    brief training with the study's budget;
 5. ``score``    the trained model's export (step 3's graph with the trained weights written in,
-                ``nas.export.reweight``; traced again when there is none), quantize, BPB of the
+                ``nas.stages.export.reweight``; traced again when there is none), quantize, BPB of the
                 quantized model in ONNX Runtime;
 6. report objectives and constraints to Optuna, write the trial to the store, refresh the front.
 
@@ -50,12 +50,18 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from nas.arch import ArchSpec
-from nas.errors import NasError
-from nas.hardware import HardwareProfile, analytic_budget_check, load_profile, min_model_bytes, min_peak_memory_bytes
-from nas.results import LatencyStats, Measurement
-from nas.settings import TrainConfig
-from nas.space import InvalidSample, SearchSpace, load_space
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.spec.profile import (
+    HardwareProfile,
+    analytic_budget_check,
+    load_profile,
+    min_model_bytes,
+    min_peak_memory_bytes,
+)
+from nas.spec.results import LatencyStats, Measurement
+from nas.spec.settings import TrainConfig
+from nas.spec.space import InvalidSample, SearchSpace, load_space
 from nas.store import Store, StoreError, harden_foreign_sqlite_engine
 
 # group=True and the retry callback are marked experimental; both are what we want here.
@@ -235,7 +241,7 @@ class Search:
         # Set from a signal handler or another thread: the run stops at the next safe point (a
         # stage boundary, a training step, between trials) as if interrupted there.
         self.stop = stop or threading.Event()
-        # Set by the Ray executor (nas.distributed) where a node advertises the profile's resource:
+        # Set by the Ray executor (nas.search.ray_executor) where a node advertises the profile's resource:
         # the measure stage then runs on that node, labelled with it.
         self.ray_measure: Any = None
         # The folder of the running trial's measure-stage export, kept for its score stage.
@@ -251,7 +257,7 @@ class Search:
 
     # --- study metadata ------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
-        from nas.data import load_corpus
+        from nas.stages.data import load_corpus
 
         c = self._ctx
         if c.corpus is None:
@@ -350,7 +356,7 @@ class Search:
 
     def run_one(self, seed: int, n_trials_hint: int | None = None) -> tuple[str, int | None, int]:
         """One counted trial, as ``run`` runs each (draws that break the space's rules are drawn
-        again): the unit of work of a Ray Tune trial (nas.distributed). ``seed`` seeds this
+        again): the unit of work of a Ray Tune trial (nas.search.ray_executor). ``seed`` seeds this
         trial's sampler, so that workers starting at once do not draw alike. Returns the state,
         the trial's number and how many invalid draws came before it."""
         c = self._ctx
@@ -530,7 +536,7 @@ class Search:
 
     # --- stages -----------------------------------------------------------------------------------
     def _host(self) -> None:
-        from nas.pipeline import host_setup
+        from nas.search.pipeline import host_setup
 
         c = self._ctx
         if c.host is None:
@@ -540,9 +546,9 @@ class Search:
     def _measure(self, spec: ArchSpec) -> tuple[Measurement, int]:
         import tempfile
 
-        from nas.export import export_spec, fresh_distinct_model
-        from nas.measure import MeasurementError
-        from nas.pipeline import measure_deployed
+        from nas.search.pipeline import measure_deployed
+        from nas.stages.export import export_spec, fresh_distinct_model
+        from nas.stages.measure import MeasurementError
 
         c = self._ctx
         w = c.profile.workload
@@ -559,7 +565,7 @@ class Search:
                 return _from_row(row), row.id
         self._host()
         # The fresh export stays until the trial ends: its graph takes the trained weights in the
-        # score stage instead of a second trace (nas.export.reweight).
+        # score stage instead of a second trace (nas.stages.export.reweight).
         self._drop_template()
         self._template = Path(tempfile.mkdtemp(prefix="nas-measure-"))
         exported = export_spec(spec, self._template, model=fresh_distinct_model(spec))
@@ -589,7 +595,7 @@ class Search:
             self.events.message(text)
 
     def _tokenized(self, vocab: int) -> Any:
-        from nas.data import tokenize_corpus
+        from nas.stages.data import tokenize_corpus
 
         c = self._ctx
         if vocab not in c.tokenized:
@@ -598,7 +604,7 @@ class Search:
         return c.tokenized[vocab]
 
     def _baselines(self, vocab: int, tc: Any) -> dict[str, float]:
-        from nas.data import ngram_baseline_bpb
+        from nas.stages.data import ngram_baseline_bpb
 
         c = self._ctx
         if vocab not in c.baselines:
@@ -606,7 +612,7 @@ class Search:
         return c.baselines[vocab]
 
     def _train(self, spec: ArchSpec, tc: Any, n: int) -> tuple[Any, Any]:
-        from nas.train import train_brief
+        from nas.stages.train import train_brief
 
         def progress(point: Any, total: int) -> None:
             self.events.train_progress(n, point.step, total, point.loss)
@@ -622,8 +628,8 @@ class Search:
     def _score(self, spec: ArchSpec, model: Any, tc: Any, trial_dir: Path) -> tuple[Any, str]:
         import torch
 
-        from nas.export import export_spec, load_exported
-        from nas.score import score_bpb_onnx
+        from nas.stages.export import export_spec, load_exported
+        from nas.stages.score import score_bpb_onnx
 
         model = model.to("cpu")
         # The trained weights travel with the spec, so `nas export` and `nas train` can rebuild it.
@@ -679,7 +685,7 @@ def _from_row(row: Any) -> Measurement:
 
 
 def _budget_constraints(m: Measurement, profile: HardwareProfile) -> dict[str, float]:
-    from nas.pipeline import budget_constraints
+    from nas.search.pipeline import budget_constraints
 
     return budget_constraints(m, profile)
 

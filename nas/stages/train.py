@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nas.arch import ArchSpec
-from nas.data import TokenizedCorpus, stack_windows, train_batches, val_windows
-from nas.errors import TrainingError
-from nas.model import Decoder, build_model
-from nas.settings import TrainConfig
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import TrainingError
+from nas.spec.settings import TrainConfig
+from nas.stages.data import TokenizedCorpus, stack_windows, train_batches, val_windows
+from nas.stages.model import Decoder, build_model
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
                lr: float, grad_clip: float, use_bf16: bool, step: int, total_steps: int) -> float:
     """One optimizer step at learning rate ``lr``; returns the batch's loss (nats/token).
 
-    Shared by the brief training here and the full training of ``nas.fulltrain``, so that a model
+    Shared by the brief training here and the full training of ``nas.winner.fulltrain``, so that a model
     trained fully is trained exactly as the search trained it, only for longer. ``model`` may be a
     ``torch.compile`` wrapper. A non-finite loss raises TrainingError naming the step (counted
     from 1) and the learning rate, before the weights are touched.

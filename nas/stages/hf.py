@@ -2,7 +2,7 @@
 
 A spec that a family can express gets that family's config, and for Hugging Face also its
 weights (safetensors, HF naming), so ``LlamaForCausalLM.from_pretrained(folder)`` runs the same
-function as ``nas.model`` (checked in tests/test_export_winner.py). A spec it cannot express gets
+function as ``nas.stages.model`` (checked in tests/test_export_winner.py). A spec it cannot express gets
 the list of reasons instead, never a config that would load and compute something else.
 
 What ``LlamaConfig`` (transformers 4.45-5.x) fixes, checked against ``modeling_llama.py``:
@@ -14,7 +14,7 @@ What ``LlamaConfig`` (transformers 4.45-5.x) fixes, checked against ``modeling_l
 - One set of weights per layer: no block-wise sharing. Unrolling a repeated block into copies
   would load and run, but store each shared block ``share_repeat`` times and untie the copies in
   any further training, so it is refused rather than done silently.
-- Rotary embedding in rotate-half form over the whole head (``rope_theta``), as ``nas.model``.
+- Rotary embedding in rotate-half form over the whole head (``rope_theta``), as ``nas.stages.model``.
 - ``hidden_act`` through ``ACT2FN``: "silu", "gelu" (exact erf, as ``F.gelu``), "relu".
 - transformers 5 validates ``hidden_size % num_attention_heads == 0`` even when ``head_dim`` is
   given, so a spec whose width is not a multiple of its head count cannot be loaded there.
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nas.arch import ArchSpec
-from nas.errors import NasError
-from nas.model import Decoder
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.stages.model import Decoder
 
 HF_DIR = "hf"
 # Hugging Face's rotary, norm and attention code computes in fp32 here; the weights we trained
@@ -94,7 +94,7 @@ def llama_config(spec: ArchSpec, *, eos_token_id: int | None = None) -> dict[str
         "num_key_value_heads": spec.n_kv_heads,  # = n_heads (MHA), 1 (MQA), in between (GQA)
         "head_dim": spec.head_dim,
         "hidden_act": spec.activation,
-        "rms_norm_eps": 1e-6,  # nas.model.RMSNorm(eps=1e-6)
+        "rms_norm_eps": 1e-6,  # nas.stages.model.RMSNorm(eps=1e-6)
         "tie_word_embeddings": spec.tied_embeddings,
         "rope_theta": spec.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
@@ -228,7 +228,7 @@ def litgpt_config(spec: ArchSpec) -> dict[str, Any]:
         "parallel_residual": False,
         "bias": False,
         "norm_class_name": "RMSNorm" if spec.norm == "rmsnorm" else "LayerNorm",
-        "norm_eps": 1e-6 if spec.norm == "rmsnorm" else 1e-5,  # nas.model's eps for each
+        "norm_eps": 1e-6 if spec.norm == "rmsnorm" else 1e-5,  # nas.stages.model's eps for each
         "mlp_class_name": _LITGPT_MLP[(spec.ffn, spec.activation)],
         "gelu_approximate": "none",
         "intermediate_size": spec.ffn_hidden,

@@ -1,6 +1,6 @@
 """What every `nas` command file shares: the ``--db`` option and its default.
 
-A module of its own because ``nas.cli`` imports the other command files (``cli_export``,
+A module of its own because ``nas.faces.cli.main`` imports the other command files (``cli_export``,
 ``cli_browse``) at its end to register them, so they cannot import from it.
 """
 

@@ -1,6 +1,6 @@
 """Measuring an exported model on this machine, in an isolated process.
 
-Each measurement runs ``nas.measure_worker`` in a fresh process, pinned to the profile's thread
+Each measurement runs ``nas.stages.measure_worker`` in a fresh process, pinned to the profile's thread
 count of cores, with ONNX Runtime's threads and execution provider from the profile. The parent
 only waits: a crash, a hang (time-out) or an out-of-memory kill ends the child, and comes back
 here as a MeasurementError with its reason, never as a crash of the caller.
@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.errors import NasError
-from nas.results import MEASURED_LOCAL, LatencyStats, Measurement
+from nas.spec.errors import NasError
+from nas.spec.results import MEASURED_LOCAL, LatencyStats, Measurement
 
 if TYPE_CHECKING:
-    from nas.arch import ArchSpec
-    from nas.hardware import HardwareProfile
+    from nas.spec.arch import ArchSpec
+    from nas.spec.profile import HardwareProfile
 
 DEFAULT_WARMUP = 3
 DEFAULT_REPEATS = 20
@@ -52,7 +52,7 @@ def measure_local(
     label: str = MEASURED_LOCAL,
 ) -> Measurement:
     """Prefill and decode latency, peak memory and size of ``spec``'s deployed model in
-    ``model_dir`` (written by ``nas.export``), run here on ``profile``'s workload.
+    ``model_dir`` (written by ``nas.stages.export``), run here on ``profile``'s workload.
 
     Threads and execution provider come from ``runtime`` (default: ``profile`` itself). A target
     measured elsewhere passes the host profile as ``runtime``: its workload run on this machine
@@ -78,7 +78,7 @@ def measure_local(
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nas.measure_worker", json.dumps(args)],
+        [sys.executable, "-m", "nas.stages.measure_worker", json.dumps(args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,  # its own process group, so a time-out kills everything it started
     )

@@ -61,9 +61,9 @@ import torch
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from nas.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
-from nas.errors import NasError
-from nas.model import Decoder, build_model
+from nas.spec.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
+from nas.spec.errors import NasError
+from nas.stages.model import Decoder, build_model
 
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 22
@@ -217,7 +217,7 @@ def _cache_suffixes(spec: ArchSpec) -> tuple[str, str]:
 
 
 def _cache_shapes(spec: ArchSpec) -> tuple[tuple[int | str, ...], tuple[int | str, ...]]:
-    """Shapes of one layer's (a, b) cache pair, as documented at the top of nas/model.py."""
+    """Shapes of one layer's (a, b) cache pair, as documented at the top of nas/stages/model.py."""
     if spec.attention == "mla":
         return ("batch", "past", spec.mla_latent_rank), ("batch", "past", spec.mla_rope_dim)
     kv = ("batch", spec.n_kv_heads, "past", spec.head_dim)
@@ -254,7 +254,7 @@ def export_onnx(model: Decoder, out_dir: Path, *, opset: int = DEFAULT_OPSET) ->
     """Export ``model`` (fp32) to ``out_dir/model.onnx`` (+ ``model.onnx.data``) as one graph with
     a KV cache and dynamic batch, sequence and past length."""
     if not isinstance(model, Decoder):
-        raise ExportError(f"export_onnx takes a nas.model.Decoder, got {type(model).__name__}")
+        raise ExportError(f"export_onnx takes a nas.stages.model.Decoder, got {type(model).__name__}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(
             f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}: the dynamo exporter needs "

@@ -4,7 +4,7 @@ Pages: the studies (``/``), one study's figures and trial table (``/study/NAME``
 (``/study/NAME/trial/N``) and studies side by side (``/compare?study=A&study=B``). The JSON under
 ``/api/`` is what the page polls while a search runs, and what a script can read.
 
-Everything is read through :class:`nas.store.Store` and drawn by :mod:`nas.plots` (a face, in
+Everything is read through :class:`nas.store.Store` and drawn by :mod:`nas.faces.plots` (a face, in
 DESIGN.md's layers: no SQL, no torch here). HTML is rendered on the server with Jinja2; plotly.js
 is served from the plotly package itself, so the page works on a closed network. A study of
 thousands of trials is read once per request (three queries) and drawn from an even sample of at
@@ -37,11 +37,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException
 
-from nas import plots
-from nas.errors import NasError
+from nas.faces import plots
+from nas.spec.errors import NasError
 from nas.store import Store, StudyRow, TrialRow
 
-log = logging.getLogger("nas.web")
+log = logging.getLogger("nas.faces.web.app")
 
 SPEC_FIELDS = (
     "vocab_size",
@@ -64,7 +64,7 @@ SPEC_FIELDS = (
     "tied_embeddings",
     "bitwidth",
 )
-"""ArchSpec's fields, by name (nas.arch is not imported: it is plain data, but the page needs only the names)."""
+"""ArchSpec's fields, by name (nas.spec.arch is not imported: it is plain data, but the page needs only the names)."""
 AXES = tuple(plots.FIGURES)
 FEASIBILITY = {
     "all": "every trial",
@@ -563,7 +563,7 @@ table.kv td:first-child { color: var(--muted); white-space: nowrap; padding-righ
 .error { color:#a11; } .big { font-size: 44px; font-weight: 700; color: #c7ced9; margin: 10px 0 0; }
 """
 
-TEMPLATES = Path(__file__).with_name("web_templates")
+TEMPLATES = Path(__file__).with_name("templates")
 _ENV = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), trim_blocks=False)
 _ENV.globals["fmt"] = plots.fmt
 

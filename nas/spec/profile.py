@@ -39,7 +39,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -51,8 +50,9 @@ from pydantic import (
     model_validator,
 )
 
-from nas.arch import BITWIDTHS, ArchSpec
-from nas.errors import ConfigError, NasError, SpecError
+from nas.spec.arch import BITWIDTHS, ArchSpec
+from nas.spec.errors import ConfigError, SpecError
+from nas.spec.files import definition_files, parse_yaml_mapping, read_definition
 
 MEASURE = "measure"
 """A device fact that cannot be written down ahead of time (the host a search happens to run on):
@@ -428,50 +428,19 @@ def _validate(doc: dict[str, Any], source: str) -> HardwareProfile:
 
 def parse_profile(text: str, source: str, name: str) -> HardwareProfile:
     """Validate a profile's YAML text; ``source`` names the file in errors, ``name`` is its stem."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise ConfigError(source, where, f"not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(source, "", f"must be a mapping with the sections {', '.join(sorted(_SECTIONS))}")
+    doc = parse_yaml_mapping(text, source, f"the sections {', '.join(sorted(_SECTIONS))}")
     for key in ("name", "source"):
         if key in doc:
             raise ConfigError(source, key, "unknown key; a profile's name is its file name")
     return _validate({**doc, "name": name, "source": source}, source)
 
 
-def profile_dirs() -> list[Path]:
-    """Where named profiles live: the checkout's hw_profiles/ (source or editable install), then
-    the copy shipped inside the wheel."""
-    pkg = Path(__file__).resolve().parent
-    return [d for d in (pkg.parent / "hw_profiles", pkg / "_data" / "hw_profiles") if d.is_dir()]
-
-
 def list_profile_files() -> dict[str, Path]:
     """Name -> file of every shipped profile (the checkout's copy wins over the wheel's)."""
-    found: dict[str, Path] = {}
-    for d in profile_dirs():
-        for p in sorted(d.glob("*.yaml")):
-            found.setdefault(p.stem, p)
-    return found
+    return definition_files("hw_profiles")
 
 
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """A profile by name (``jetson``) or by path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(str(path), "", "no such hardware-profile file")
-        name = path.stem
-    else:
-        files = list_profile_files()
-        if str(name_or_path) not in files:
-            raise NasError(f"unknown hardware profile {str(name_or_path)!r}; known: {', '.join(files) or 'none'}")
-        name, path = str(name_or_path), files[str(name_or_path)]
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(str(path), "", f"cannot read: {e.strerror}") from None
+    name, path, text = read_definition(name_or_path, "hw_profiles", "hardware profile")
     return parse_profile(text, str(path), name)

@@ -19,7 +19,6 @@ ops); that share is scaled like the rest, one more reason to calibrate on the de
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,12 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.errors import NasError
-from nas.results import ESTIMATED_ROOFLINE, Measurement
+from nas.spec.errors import NasError
+from nas.spec.files import atomic_write
+from nas.spec.results import ESTIMATED_ROOFLINE, Measurement
 
 if TYPE_CHECKING:
-    from nas.arch import ArchSpec
-    from nas.hardware import HardwareProfile
+    from nas.spec.arch import ArchSpec
+    from nas.spec.profile import HardwareProfile
 
 DTYPE = {32: "fp32", 16: "fp16", 8: "int8", 4: "int8"}  # int4 is weight-only: int8 compute on CPUs
 
@@ -57,7 +57,7 @@ class HostCalibration:
 
 
 def _calibration_path(host: HardwareProfile) -> Path:
-    from nas.data import cache_dir
+    from nas.stages.data import cache_dir
 
     # "best": rates from the fastest repeat (measure_worker.calibrate); an older cache file, from
     # the median, has another name and is measured again rather than trusted.
@@ -68,7 +68,7 @@ def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int
                    timeout_s: float = 300.0) -> HostCalibration:
     """Measure (or load from the cache) the host's bandwidth and matrix-multiply rates, in an
     isolated worker process pinned like a measurement."""
-    from nas.measure import MeasurementError, _cores
+    from nas.stages.measure import MeasurementError, _cores
 
     path = _calibration_path(host)
     if path.exists() and not refresh:
@@ -77,7 +77,7 @@ def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int
     args = {"mode": "calibrate", "threads": host.runtime.threads, "provider": host.runtime.execution_provider,
             "repeats": repeats, "max_phase_seconds": 10.0, "cores": _cores(host.runtime.threads)}
     try:
-        proc = subprocess.run([sys.executable, "-m", "nas.measure_worker", json.dumps(args)],
+        proc = subprocess.run([sys.executable, "-m", "nas.stages.measure_worker", json.dumps(args)],
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise MeasurementError(f"host calibration timed out after {timeout_s:g} s") from None
@@ -86,10 +86,7 @@ def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     cal = HostCalibration(memory_bandwidth_gbs=result["memory_bandwidth_gbs"], peak_gflops=result["peak_gflops"],
                           provenance=result["provenance"], measured_at=time.time())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(cal)))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(cal)))
     return cal
 
 

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from nas.errors import SpecError
+from nas.spec.errors import SpecError
 
 Attention = Literal["mha", "gqa", "mqa", "mla"]
 FFNKind = Literal["gated", "plain"]

@@ -1,6 +1,6 @@
 """`nas export` and `nas train`: take a study's winner out of the search and train it fully.
 
-Registered on the main app by ``nas.cli`` (``register(app)``), so this module owns its commands
+Registered on the main app by ``nas.faces.cli.main`` (``register(app)``), so this module owns its commands
 and the main CLI file stays one import long for them. Heavy modules (torch, ONNX) are imported
 inside the commands.
 """
@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nas.cli_common import DbOpt, db_url
+from nas.faces.cli.common import DbOpt, db_url
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,7 +46,7 @@ def export(
 
     Then `nas train OUT` trains it fully.
     """
-    from nas.winner import export_winner
+    from nas.winner.folder import export_winner
 
     result = export_winner(db_url=db_url(db), study=study, out_dir=out, trial=trial, pick=pick,
                            max_decode_ms=max_decode_ms, force=force,
@@ -161,7 +161,7 @@ def train(
         TimeRemainingColumn,
     )
 
-    from nas.fulltrain import Overrides, train_full
+    from nas.winner.fulltrain import Overrides, train_full
 
     stop = {"requested": False}
 

@@ -226,7 +226,7 @@ def _point(t: TrialRow, m: Any, spec: dict[str, Any] | None, on_front: bool) -> 
     if t.val_bpb is not None:
         figures["val_bpb"] = float(t.val_bpb)
     if spec is not None and "params" not in figures:
-        from nas.arch import ArchSpec
+        from nas.spec.arch import ArchSpec
 
         figures["params"] = float(ArchSpec.from_dict(spec).params())
     return TrialPoint(
@@ -933,7 +933,7 @@ def find_chromium() -> str:
     import os
     import shutil
 
-    from nas.errors import NasError
+    from nas.spec.errors import NasError
 
     wanted = os.environ.get("NAS_CHROMIUM")
     if wanted:
@@ -969,7 +969,7 @@ def write_png(
 
     from plotly.offline import get_plotlyjs
 
-    from nas.errors import NasError
+    from nas.spec.errors import NasError
 
     chromium = find_chromium()
     height = int(height or figure.layout.height or 600)

@@ -1,6 +1,6 @@
 """`nas plot` and `nas ui`: look at a study's results as figures, in a file or in a browser.
 
-Registered on the main app by ``nas.cli`` (``register(app)``). Both only read the database.
+Registered on the main app by ``nas.faces.cli.main`` (``register(app)``). Both only read the database.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from nas.cli_common import DbOpt, db_url
+from nas.faces.cli.common import DbOpt, db_url
 
 console = Console()
 err_console = Console(stderr=True)
@@ -84,8 +84,8 @@ def plot(
     ] = 3000,
 ) -> None:
     """Write a study's figures to one self-contained HTML page (help: PLOT_HELP)."""
-    from nas import plots
-    from nas.errors import NasError
+    from nas.faces import plots
+    from nas.spec.errors import NasError
     from nas.store import Store
 
     if out.suffix.lower() not in (".html", ".htm"):
@@ -125,8 +125,8 @@ def ui(
     refresh: Annotated[float, typer.Option(help="Seconds between an open study page's checks for new trials.")] = 5.0,
 ) -> None:
     """Serve a read-only web page of the studies in the database (help: UI_HELP)."""
-    from nas.errors import NasError
-    from nas.web import create_app
+    from nas.faces.web.app import create_app
+    from nas.spec.errors import NasError
 
     if not 0 < port < 65536:
         raise NasError(f"--port {port}: give a port between 1 and 65535")

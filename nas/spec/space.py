@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from nas.arch import LITERAL_FIELDS, ArchSpec
-from nas.errors import ConfigError, NasError, SpecError
-from nas.expr import Expr, ExprError
-from nas.settings import TrainConfig
+from nas.spec.arch import LITERAL_FIELDS, ArchSpec
+from nas.spec.errors import ConfigError, NasError, SpecError
+from nas.spec.expr import Expr, ExprError
+from nas.spec.files import definition_files, parse_yaml_mapping, read_definition
+from nas.spec.settings import TrainConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(ArchSpec)}
 REQUIRED = tuple(n for n, f in FIELDS.items() if f.default is dataclasses.MISSING)
@@ -298,14 +298,7 @@ def _parse_dimension(source: str, name: str, raw: Any, earlier: set[str]) -> Dim
 
 
 def parse_space(text: str, source: str, name: str) -> SearchSpace:
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise ConfigError(source, where, f"not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(source, "", "must be a mapping with 'dimensions' (and optionally 'rules', 'training')")
+    doc = parse_yaml_mapping(text, source, "'dimensions' (and optionally 'rules', 'training')")
     unknown = sorted(set(doc) - {"description", "dimensions", "rules", "training"})
     if unknown:
         raise ConfigError(source, unknown[0], "unknown key; allowed: description, dimensions, rules, training")
@@ -354,37 +347,14 @@ def parse_space(text: str, source: str, name: str) -> SearchSpace:
 
 
 # --- finding spaces ----------------------------------------------------------------------------
-def space_dirs() -> list[Path]:
-    """Where named spaces live: the checkout's search_spaces/ (source or editable install), then
-    the copy shipped inside the wheel."""
-    pkg = Path(__file__).resolve().parent
-    return [d for d in (pkg.parent / "search_spaces", pkg / "_data" / "search_spaces") if d.is_dir()]
-
-
 def list_space_files() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in space_dirs():
-        for p in sorted(d.glob("*.yaml")):
-            found.setdefault(p.stem, p)
-    return found
+    """Name -> file of every shipped space (the checkout's copy wins over the wheel's)."""
+    return definition_files("search_spaces")
 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """A space by name (``gqa_small``) or by path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(str(path), "", "no such search-space file")
-        name = path.stem
-    else:
-        files = list_space_files()
-        if str(name_or_path) not in files:
-            raise NasError(f"unknown search space {str(name_or_path)!r}; known: {', '.join(files) or 'none'}")
-        name, path = str(name_or_path), files[str(name_or_path)]
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(str(path), "", f"cannot read: {e.strerror}") from None
+    name, path, text = read_definition(name_or_path, "search_spaces", "search space")
     return parse_space(text, str(path), name)
 
 

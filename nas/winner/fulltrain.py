@@ -1,14 +1,14 @@
 """Full training of an exported architecture: ``nas train DIR``.
 
-The export folder (``nas.winner``) holds the spec, the tokenizer, the brief-trained weights and a
+The export folder (``nas.winner.folder``) holds the spec, the tokenizer, the brief-trained weights and a
 recipe; this stage trains the spec for the recipe's budget with the search's own optimizer,
-schedule and step (``nas.train.make_optimizer``, ``lr_at``, ``train_step``, ``evaluate_bpb``), so
+schedule and step (``nas.stages.train.make_optimizer``, ``lr_at``, ``train_step``, ``evaluate_bpb``), so
 the full run differs from a trial's only in length and batch. Layout it adds to DIR::
 
     checkpoints/run.json          the resolved run (budget, batch, lr, data, ...): what a resume must match
     checkpoints/step-00001234.pt  model, optimizer, step, RNG states, data position, curve (the last 2 kept)
     trained/model.pt              the final weights, in the search's format {"spec", "state_dict", "train_config"}
-    trained/onnx/                 the final model exported and quantized at the spec's bitwidth (nas.export)
+    trained/onnx/                 the final model exported and quantized at the spec's bitwidth (nas.stages.export)
     trained/hf/                   LlamaForCausalLM folder, where Llama can express the spec
     trained/report.json           steps, tokens, losses, validation BPB in torch and of the quantized ONNX file
 
@@ -37,27 +37,26 @@ Choices, and why:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from nas.data import TokenizedCorpus
-from nas.errors import NasError
-from nas.model import Decoder, build_model
-from nas.settings import TrainConfig
-from nas.train import CurvePoint, evaluate_bpb, lr_at, make_optimizer, train_step
-from nas.winner import MAX_SUBSET_EPOCHS, WinnerExport, load_winner, suggest_recipe
+from nas.spec.errors import NasError
+from nas.spec.files import atomic_write
+from nas.spec.settings import TrainConfig
+from nas.stages.data import TokenizedCorpus, WindowSampler, tokenize_with_file
+from nas.stages.model import Decoder, build_model
+from nas.stages.train import CurvePoint, evaluate_bpb, lr_at, make_optimizer, train_step
+from nas.winner.folder import MAX_SUBSET_EPOCHS, WinnerExport, load_winner, suggest_recipe
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
@@ -171,64 +170,6 @@ class FullTrainResult:
 # --- data -----------------------------------------------------------------------------------------
 
 
-class WindowSampler:
-    """Random training windows drawn exactly as ``nas.data.train_batches`` draws them (same seed,
-    same windows), with the generator's state exposed so a checkpoint can save the data position."""
-
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
-        self.ids, self.batch_size, self.seq_len = ids, batch_size, seq_len
-        self.n_starts = len(ids) - seq_len  # a window needs seq_len + 1 tokens
-        if self.n_starts <= 0:
-            raise FullTrainError(f"the training split has {len(ids):,} tokens, fewer than one window of "
-                                 f"{seq_len + 1}")
-        self.rng = np.random.default_rng(seed)
-        self.offsets = np.arange(seq_len + 1)
-
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        starts = self.rng.integers(0, self.n_starts, size=self.batch_size)
-        w = np.asarray(self.ids[starts[:, None] + self.offsets], dtype=np.int64)  # (B, T+1)
-        return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
-
-    def state(self) -> dict[str, Any]:
-        return self.rng.bit_generator.state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state
-
-
-def tokenize_with(tokenizer_path: Path, corpus: Any, vocab_size: int, cache: Path) -> TokenizedCorpus:
-    """Both splits of ``corpus`` encoded with the tokenizer file itself, cached under ``cache``
-    by (corpus fingerprint, tokenizer hash); same ids and byte counts as ``nas.data.tokenize_corpus``
-    gives with that tokenizer."""
-    # nas.data's own encoding and byte accounting, so BPB means the same here as in the search.
-    from tokenizers import Tokenizer
-
-    from nas.data import EOS, _atomic_save_npy, _atomic_write, _encode_docs, _token_bytes, _tokenized
-
-    text = tokenizer_path.read_text(encoding="utf-8")
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    folder = cache / f"{corpus.fingerprint}-{sha[:16]}"
-    names = ("train.npy", "val.npy", "token_bytes.npy")
-    if (folder / "meta.json").is_file() and all((folder / n).is_file() for n in names):
-        train, val, tb = (np.load(folder / n, mmap_mode="r") for n in names)
-        # token_bytes as a writable copy: evaluate_bpb hands it to torch, which warns on a read-only map.
-        return _tokenized(corpus.fingerprint, vocab_size, train, val, np.array(tb))
-    tok = Tokenizer.from_str(text)
-    tok.encode_special_tokens = True  # as nas.data: only the separator we insert is the special token
-    if tok.get_vocab_size() != vocab_size:
-        raise FullTrainError(f"{tokenizer_path} has {tok.get_vocab_size()} tokens, the spec wants {vocab_size}")
-    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    eos = tok.token_to_id(EOS)
-    train = _encode_docs(tok, corpus.train_docs, eos, dtype)
-    val = _encode_docs(tok, corpus.val_docs, eos, dtype)
-    tb = _token_bytes(tok, vocab_size)
-    for n, arr in zip(names, (train, val, tb), strict=True):
-        _atomic_save_npy(folder / n, arr)
-    _atomic_write(folder / "meta.json", json.dumps({"tokenizer_sha256": sha, "corpus": corpus.name,
-                                                    "fingerprint": corpus.fingerprint}).encode())
-    return _tokenized(corpus.fingerprint, vocab_size, train, val, tb)
-
-
 # --- the run ----------------------------------------------------------------------------------------
 
 
@@ -314,18 +255,6 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted((Path(folder) / CHECKPOINTS).glob("step-*.pt"))
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train_full(
     folder: Path,
     overrides: Overrides | None = None,
@@ -345,7 +274,7 @@ def train_full(
     that many steps in all (a checkpoint is written). ``final_export`` False skips the final
     ONNX/Hugging Face export (tests compare runs without paying for it twice).
     """
-    from nas.data import load_corpus
+    from nas.stages.data import load_corpus
 
     ev = events or SilentEvents()
     overrides = overrides or Overrides()
@@ -375,7 +304,7 @@ def train_full(
     if previous is None and corpus.fingerprint != export.manifest["corpus"]["fingerprint"]:
         ev.message(f"note: corpus {corpus.fingerprint} is not the study's ({export.manifest['corpus']['fingerprint']}):"
                    " validation BPB does not compare with the search's")
-    tc = tokenize_with(export.tokenizer_path, corpus, spec.vocab_size, folder / "data")
+    tc = tokenize_with_file(corpus, export.tokenizer_path, spec.vocab_size, folder / "data")
     train_tokens = len(tc.train_ids)
     if previous is None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +354,7 @@ def train_full(
 
     def save_checkpoint() -> Path:
         path = ckpt_dir / f"step-{step:08d}.pt"
-        _atomic_torch_save({
+        atomic_write(path, lambda f: torch.save({
             "format": CHECKPOINT_FORMAT, "step": step, "total_steps": run.total_steps, "tokens": step * tokens_per_step,
             "run": run.model_dump(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
@@ -433,7 +362,7 @@ def train_full(
             "seconds": elapsed_before + (time.perf_counter() - start),
             "curve": [list(dataclasses.astuple(p)) for p in curve],
             "evals": [list(e) for e in evals], "window": window,
-        }, path)
+        }, f), fsync=True)
         for old in checkpoints(folder)[:-run.keep_checkpoints]:
             old.unlink(missing_ok=True)
         ev.checkpointed(step, path)
@@ -524,10 +453,10 @@ def _finish(export: WinnerExport, model: Decoder, run: RunConfig, tc: TokenizedC
             evals: list[tuple[int, float]], seconds: float, ev: Events) -> tuple[Path, Path | None, float]:
     """Save the final weights, export and quantize them as the search did, score that file, and
     write the Hugging Face folder where Llama can express the spec."""
-    from nas.data import EOS
-    from nas.export import export_spec
-    from nas.hf import llama_incompatibilities, save_hf
-    from nas.score import score_bpb_onnx
+    from nas.stages.data import EOS
+    from nas.stages.export import export_spec
+    from nas.stages.hf import llama_incompatibilities, save_hf
+    from nas.stages.score import score_bpb_onnx
 
     out = export.folder / TRAINED
     out.mkdir(parents=True, exist_ok=True)

@@ -43,13 +43,13 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.errors import NasError
-from nas.results import Measurement, measured_on
+from nas.spec.errors import NasError
+from nas.spec.results import Measurement, measured_on
 
 if TYPE_CHECKING:
-    from nas.arch import ArchSpec
-    from nas.hardware import HardwareProfile
-    from nas.search import Events, Search, SearchConfig
+    from nas.search.study import Events, Search, SearchConfig
+    from nas.spec.arch import ArchSpec
+    from nas.spec.profile import HardwareProfile
 
 MEASURE_TIMEOUT_S = 600.0
 """How long a trial waits for its measurement on a device node (queueing behind others included)."""
@@ -78,7 +78,7 @@ def run_with_ray(cfg: SearchConfig, opts: RayOptions, events: Events | None = No
                  timeout_s: float | None = None) -> dict[str, int]:
     """Run the study's trials as Ray Tune trials, ``opts.workers`` at a time. Same counts, same
     store, same Optuna study as ``Search.run``. A set ``stop`` ends the run as Ctrl-C would."""
-    from nas.search import Search, SilentEvents
+    from nas.search.study import Search, SilentEvents
 
     if n_trials is None and timeout_s is None:
         raise NasError("give a number of trials or a time budget (or both)")
@@ -180,7 +180,7 @@ def _trial_resources(ray: Any, cfg: SearchConfig, opts: RayOptions) -> dict[str,
 
 def _device_node(ray: Any, driver: Search, events: Events) -> str | None:
     """The profile's Ray resource when a node of the cluster advertises it, else None (said once)."""
-    from nas.pipeline import NotMeasurable
+    from nas.search.pipeline import NotMeasurable
 
     m = driver._ctx.profile.measurement
     if m.where != "ray":
@@ -264,7 +264,7 @@ def _tune_hooks(driver: Search, events: Events, stop: threading.Event, deadline:
 def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 15.0) -> None:
     """Fail and queue again the trials of this host's workers that died; after a stop, give the
     stopped workers a moment to exit first."""
-    from nas.search import WORKER, _alive
+    from nas.search.study import WORKER, _alive
 
     host = WORKER.rsplit(":", 1)[0]
     end = time.monotonic() + wait_s
@@ -362,7 +362,7 @@ def _trainable(config: dict[str, Any]) -> None:
     """One Tune trial: one counted trial of the study, run by the local trial code."""
     from ray import tune
 
-    from nas.search import WORKER
+    from nas.search.study import WORKER
 
     if config["deadline"] is not None and time.time() > config["deadline"]:
         tune.report({"state": "skipped", "worker": WORKER})
@@ -377,7 +377,7 @@ def _trainable(config: dict[str, Any]) -> None:
 
 
 def _worker_search(cfg: SearchConfig, measure_on: str | None) -> Search:
-    from nas.search import Search
+    from nas.search.study import Search
 
     key = repr((cfg, measure_on))
     if key not in _WORKER_SEARCH:
@@ -411,7 +411,7 @@ def measure_on_ray(spec: ArchSpec, model_dir: Path, profile: HardwareProfile) ->
     resource; figures labelled ``measured:<node>``. Any failure is a MeasurementError."""
     import ray
 
-    from nas.measure import MeasurementError
+    from nas.stages.measure import MeasurementError
 
     resource = profile.measurement.ray_resource
     files = {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in Path(model_dir).rglob("*") if p.is_file()}
@@ -446,7 +446,7 @@ def _measure_task(spec: ArchSpec, files: dict[str, bytes], profile: HardwareProf
     runtime (its execution provider, its threads), label the figures with the node."""
     import ray
 
-    from nas.measure import MeasurementError, measure_local
+    from nas.stages.measure import MeasurementError, measure_local
 
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})

@@ -1,6 +1,6 @@
 """The measuring process: run one exported model in ONNX Runtime and print its figures as JSON.
 
-Started by :func:`nas.measure.measure_local` as ``python -m nas.measure_worker '<json>'``, one
+Started by :func:`nas.stages.measure.measure_local` as ``python -m nas.stages.measure_worker '<json>'``, one
 process per measurement, so that a crash, a hang or an out-of-memory kill in ONNX Runtime ends
 only this process. It imports numpy and onnxruntime only (no torch, no nas modules that pull it
 in), so its peak resident memory is what a deployment's inference process would hold: the

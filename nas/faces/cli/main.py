@@ -16,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nas.arch import ArchSpec
-from nas.cli_common import DbOpt, db_url
-from nas.errors import NasError, SpecError
+from nas.faces.cli.common import DbOpt, db_url
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError, SpecError
 
 app = typer.Typer(
     name="nas",
@@ -74,7 +74,7 @@ def spaces(
     as_json: JsonOpt = False,
 ) -> None:
     """List the search spaces and validate each one (exit 2 if any is invalid)."""
-    from nas.space import iter_spaces, load_space
+    from nas.spec.space import iter_spaces, load_space
 
     if names:
         for name in names:
@@ -143,7 +143,7 @@ def sample(
     as_json: JsonOpt = False,
 ) -> None:
     """Draw random valid architectures from a space and show their analytic figures."""
-    from nas.space import load_space
+    from nas.spec.space import load_space
 
     sp = load_space(space)
     rng = random.Random(seed)
@@ -207,9 +207,9 @@ def trial(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from nas.data import load_corpus, ngram_baseline_bpb, tokenize_corpus
-    from nas.space import load_space
-    from nas.train import evaluate_bpb, train_brief
+    from nas.spec.space import load_space
+    from nas.stages.data import load_corpus, ngram_baseline_bpb, tokenize_corpus
+    from nas.stages.train import evaluate_bpb, train_brief
 
     sp = load_space(space)
     if arch_json is not None:
@@ -274,7 +274,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Hardware profile
 
 
 def _spec_from(space: str, arch_json: Path | None, seed: int) -> ArchSpec:
-    from nas.space import load_space
+    from nas.spec.space import load_space
 
     sp = load_space(space)
     if arch_json is None:
@@ -325,9 +325,9 @@ def measure(
     """
     import tempfile
 
-    from nas.export import export_spec
-    from nas.hardware import analytic_budget_check, load_profile
-    from nas.pipeline import budget_constraints, host_setup, measure_deployed
+    from nas.search.pipeline import budget_constraints, host_setup, measure_deployed
+    from nas.spec.profile import analytic_budget_check, load_profile
+    from nas.stages.export import export_spec
 
     spec = _spec_from(space, arch_json, seed)
     profile = load_profile(device)
@@ -379,7 +379,7 @@ def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the hardware profiles in hw_profiles/ and validate each one (exit 2 if any is invalid)."""
     if ctx.invoked_subcommand is not None:
         return
-    from nas.hardware import list_profile_files, load_profile
+    from nas.spec.profile import list_profile_files, load_profile
 
     rows, failed = [], 0
     for name, path in list_profile_files().items():
@@ -435,9 +435,9 @@ def calibrate(
     import dataclasses
     import tempfile
 
-    from nas.export import export_spec
-    from nas.measure import measure_local
-    from nas.space import load_space
+    from nas.spec.space import load_space
+    from nas.stages.export import export_spec
+    from nas.stages.measure import measure_local
 
     log = err_console if as_json else console
     with log.status("measuring this host's bandwidth and matmul rates…"):
@@ -572,7 +572,7 @@ def search(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nas.search import Search, SearchConfig
+    from nas.search.study import Search, SearchConfig
 
     if executor not in ("local", "ray"):
         raise NasError(f"unknown --executor {executor!r}; choose local or ray")
@@ -585,7 +585,7 @@ def search(
     objective_names = tuple(o.strip() for o in objectives.split(",") if o.strip())
     sp_train = None
     if tokens is not None:
-        from nas.space import load_space
+        from nas.spec.space import load_space
 
         sp_train = load_space(space).training.model_copy(update={"tokens": tokens})
     name = study or f"{Path(space).stem}-{Path(device).stem}"
@@ -613,7 +613,7 @@ def search(
         events = _RichEvents(progress, trials)
         try:
             if executor == "ray":
-                from nas.distributed import RayOptions, run_with_ray
+                from nas.search.ray_executor import RayOptions, run_with_ray
 
                 events.message(f"study {name} on {cfg.db_url}, {workers} Ray worker(s)")
                 counts = run_with_ray(cfg, RayOptions(workers=workers, address=ray_address,
@@ -786,14 +786,14 @@ def db_upgrade(db: DbOpt = None) -> None:
 
 
 def _host_setup(refresh: bool):
-    from nas.pipeline import host_setup
+    from nas.search.pipeline import host_setup
 
     return host_setup(refresh=refresh)
 
 
-from nas.cli_export import register as _register_export  # noqa: E402, I001
+from nas.faces.cli.winner import register as _register_export  # noqa: E402, I001
 _register_export(app)
-from nas.cli_browse import register as _register_browse  # noqa: E402, I001
+from nas.faces.cli.browse import register as _register_browse  # noqa: E402, I001
 _register_browse(app)
 
 

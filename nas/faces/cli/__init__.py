@@ -1,0 +1,1 @@
+"""The ``nas`` command line: ``main`` builds the app; the other modules register commands on it."""

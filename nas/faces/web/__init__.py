@@ -1,0 +1,1 @@
+"""``nas ui``: a read-only web page over the results database (FastAPI, Jinja2 templates)."""
