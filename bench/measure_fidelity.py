@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "measure_fidelity.json")
     args = ap.parse_args()
 
-    host, cal = host_setup()
+    calibrated = host_setup()
+    host, cal = calibrated.profile, calibrated.cal
     print(f"host: {cal.provenance['cpu']}, {host.runtime.threads} threads, read bandwidth "
           f"{cal.memory_bandwidth_gbs:.1f} GB/s, fp32 matmul {cal.peak_gflops['fp32']:.0f} GFLOP/s")
     space = load_space(args.space)

@@ -28,8 +28,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import optuna
 
+from nas.search.config import SearchConfig
 from nas.search.ray_executor import RayOptions, run_with_ray
-from nas.search.study import Search, SearchConfig
+from nas.search.study import Search
 from nas.spec.settings import TrainConfig
 from nas.spec.space import load_space
 from nas.store import Store
@@ -61,7 +62,7 @@ def run(kind: str, workers: int, work: Path, trials: int, tokens: int, same_as: 
         # only in how the trials are executed, not in what was drawn.
         s = Search(cfg)
         for params in same_as:
-            s._ctx.study.enqueue_trial(params)
+            s.study.enqueue_trial(params)
         s.close()
     start = time.perf_counter()
     if kind == "local":

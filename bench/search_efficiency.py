@@ -34,7 +34,8 @@ import yaml
 from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
 from nas.faces.plots import hypervolume_2d, reference_point
-from nas.search.study import Search, SearchConfig
+from nas.search.config import SearchConfig
+from nas.search.study import Search
 from nas.spec.profile import list_profile_files, load_profile
 from nas.spec.space import SearchSpace, load_space
 
@@ -132,7 +133,7 @@ def main() -> None:
     # Join what the store holds with this run's clock.
     all_points = []
     for r in runs:
-        store = r["search"]._ctx.store
+        store = r["search"].store
         rows = {t.number: t for t in store.trials(study=r["name"])}
         for t in r["trials"]:
             row = rows.get(t["number"])

@@ -40,6 +40,7 @@ from _common import machine, spread  # bench/ is on sys.path: the scripts run as
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from nas.spec.results import LatencyStats, Measurement
 from nas.spec.space import load_space
 from nas.store import Store
 
@@ -63,12 +64,12 @@ def fill(store: Store, n: int, seed: int = 0) -> float:
         store.upsert_architecture(spec=spec)
         decode = spec.decode_bytes(256) / 20e9 * 1e3 * rng.uniform(1.2, 3.0) + 0.02 * spec.n_layers
         reps = [decode * rng.gauss(1, 0.03) for _ in range(30)]
-        m = store.add_measurement(arch_id=spec.arch_id, profile="host", bitwidth=spec.bitwidth,
-                                  label="measured:local", prefill_ms=decode * 20, prefill_repeats_ms=[decode * 20] * 10,
-                                  decode_ms_per_token=statistics.median(reps), decode_repeats_ms=reps,
-                                  peak_memory_bytes=int(spec.params() * 2 + 60e6), model_bytes=spec.params() * 2,
-                                  workload={"prompt_tokens": 128, "context_tokens": 256, "batch": 1},
-                                  provenance={"cpu": "synthetic", "threads": 2})
+        m = store.add_measurement(Measurement(
+            arch_id=spec.arch_id, profile="host", bitwidth=spec.bitwidth, label="measured:local",
+            prefill=LatencyStats.from_samples([decode * 20] * 10), decode=LatencyStats.from_samples(reps),
+            peak_memory_bytes=int(spec.params() * 2 + 60e6), model_bytes=spec.params() * 2,
+            workload={"prompt_tokens": 128, "context_tokens": 256, "batch": 1},
+            provenance={"cpu": "synthetic", "threads": 2}))
         archs.append((spec, m.id, decode))
     for number in range(n):
         spec, mid, decode = archs[number % len(archs)]

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from _common import machine, spread  # bench/ is on sys.path: the scripts run as python bench/NAME.py
 
-from nas.search.study import Search, SearchConfig
+from nas.search.config import SearchConfig
+from nas.search.study import Search
 from nas.spec.profile import load_profile
 from nas.spec.settings import TrainConfig
 from nas.spec.space import load_space
@@ -130,9 +131,9 @@ def main() -> None:
             drawn += 1
             complete += state == "complete"
             print(f"  trial {number}: {state} in {time.perf_counter() - t0:.1f} s", flush=True)
-        store = search._ctx.store
+        store = search.store
         rows = [t for t in store.trials(study=args.study) if t.number in numbers]
-        threads = search._ctx.host.runtime.threads if search._ctx.host else 2
+        threads = search.resources.host.profile.runtime.threads if search.resources.host else 2
     # A trial's wall clock as the store recorded it (start_trial to finish), in every mode.
     wall = {t.number: t.seconds for t in rows}
     profile = load_profile(args.device)

@@ -25,6 +25,7 @@ import pytest
 
 from nas.spec.arch import ArchSpec
 from nas.store import Store
+from tests.measurements import measurement
 
 DECODE_BUDGET_MS = 2.0
 MEMORY_BUDGET_MB = 512.0
@@ -75,13 +76,13 @@ def make_study(
     complete = []
 
     def measure(spec: ArchSpec, decode: float, lab: str = label) -> int:
-        m = store.add_measurement(
-            arch_id=spec.arch_id, profile="host", bitwidth=spec.bitwidth, label=lab,
+        m = store.add_measurement(measurement(
+            spec.arch_id, bitwidth=spec.bitwidth, label=lab,
             prefill_repeats_ms=[decode * 6 * f for f in (0.95, 1.0, 1.08)],
             decode_repeats_ms=[decode * f for f in (0.96, 1.0, 1.0, 1.07)],
             peak_memory_bytes=int(peak_mb(spec) * 2**20), model_bytes=spec.weight_bytes(),
             workload={"prompt": 32, "context": 64}, provenance={"cpu": "synthetic", "threads": 2},
-        )  # fmt: skip
+        ))  # fmt: skip
         return m.id
 
     for i in range(n_complete):

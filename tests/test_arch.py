@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -132,3 +133,16 @@ def test_from_dict_names_unknown_and_missing_fields():
     del data["d_model"]
     with pytest.raises(SpecError, match="'d_model' is required"):
         ArchSpec.from_dict(data)
+
+
+def test_field_metadata_covers_every_field_once() -> None:
+    # validation, the space loader and the web page iterate these lists: a new field must land
+    # in exactly one kind, read from its annotation, with no list to keep by hand
+    from nas.spec.arch import BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS, LITERAL_FIELDS
+
+    names = [f.name for f in dataclasses.fields(ArchSpec)]
+    kinds = [set(INT_FIELDS), set(FLOAT_FIELDS), set(BOOL_FIELDS), set(LITERAL_FIELDS) - set(INT_FIELDS)]
+    for name in names:
+        assert sum(name in k for k in kinds) == 1, name
+    assert set().union(*kinds) == set(names)
+    assert LITERAL_FIELDS["bitwidth"] == (32, 16, 8, 4) and "bitwidth" in INT_FIELDS

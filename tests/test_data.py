@@ -206,11 +206,14 @@ def test_tokenizer_is_loaded_from_disk_on_a_later_call(monkeypatch: pytest.Monke
     mtime = path.stat().st_mtime_ns
     assert get_tokenizer(corpus, VOCAB) is first  # memoized in process
 
-    data._tokenizer_memo.clear()  # as a fresh process would start
+    data.TOKENIZERS.clear()  # as a fresh process would start
     second = get_tokenizer(corpus, VOCAB)
     assert len(calls) == 1 and path.stat().st_mtime_ns == mtime
     assert second.to_str() == first.to_str()
     assert not list(path.parent.glob("*.tmp"))
+    # A file retrained or replaced on disk is read again, not served from memory.
+    path.write_text(first.to_str() + "\n")  # another size: seen as changed whatever the mtime's resolution
+    assert get_tokenizer(corpus, VOCAB) is not second
 
 
 def test_vocabulary_too_large_for_a_tiny_corpus_raises_data_error(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from nas.stages.hf import (
 from nas.stages.model import build_model
 from nas.store import Store
 from nas.winner.folder import WinnerError, knee_index, pick_trial, suggest_recipe
+from tests.measurements import measurement
 from tests.search_helpers import STUDY, nas, tiny_search
 
 ATOL = 1e-4
@@ -208,8 +209,7 @@ def handmade(tmp_path) -> Store:
     for n, (bpb, ms, cons) in rows.items():
         spec = ArchSpec(vocab_size=300, d_model=32, n_layers=2, n_heads=2, head_dim=16, ffn_ratio=2.0 + n)
         store.upsert_architecture(spec=spec)
-        m = store.add_measurement(arch_id=spec.arch_id, profile="host", bitwidth=32, label="measured:local",
-                                  prefill_ms=ms * 3, decode_ms_per_token=ms)
+        m = store.add_measurement(measurement(spec.arch_id, prefill_ms=ms * 3, decode_ms=ms))
         store.start_trial(study="s", number=n, arch_id=spec.arch_id)
         store.finish_trial(study="s", number=n, objectives={"val_bpb": bpb, "decode_ms": ms}, val_bpb=bpb,
                            constraints=cons, measurement_id=m.id)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from nas.search.pipeline import budget_constraints
 from nas.spec.profile import load_profile
 from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, LatencyStats, Measurement
 from nas.stages.estimate import HostCalibration, calibrate_host, estimate, fit_corrections, roofline_factors
@@ -119,12 +118,16 @@ def test_calibration_points_correct_by_the_median_ratio(host_measurement: Measur
 
 def test_budget_constraints_are_figure_minus_budget(host_measurement: Measurement):
     host = load_profile("host")
-    c = budget_constraints(host_measurement, host)
+    c = host.budgets.constraints(host_measurement.figures())
     assert c["decode_ms_per_token"] == pytest.approx(host_measurement.decode.median_ms - 10)
     assert c["model_mb"] == pytest.approx(host_measurement.model_mb - 64)
     assert set(c) == {"peak_memory_mb", "decode_ms_per_token", "model_mb"}  # host sets no prefill budget
     slow = dataclasses.replace(host_measurement, decode=LatencyStats.from_samples([50.0, 60.0]))
-    assert budget_constraints(slow, host)["decode_ms_per_token"] > 0
+    assert host.budgets.constraints(slow.figures())["decode_ms_per_token"] > 0
+    # A figure that was not taken is left out, never read as 0 (which would meet any budget).
+    unread = dataclasses.replace(host_measurement, peak_memory_bytes=None)
+    assert "peak_memory_mb" not in unread.figures()
+    assert "peak_memory_mb" not in host.budgets.constraints(unread.figures())
 
 
 def test_latency_stats_quantiles_and_cv():

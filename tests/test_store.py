@@ -43,6 +43,7 @@ from nas.store import (
 )
 from nas.store.models import Base, StudyModel, TrialModel
 from tests.conftest import fresh_pg_database
+from tests.measurements import measurement
 
 OBJECTIVES = [("val_bpb", "minimize"), ("decode_ms", "minimize")]
 
@@ -235,11 +236,10 @@ def test_measurement_round_trip_keeps_spread_repeats_and_provenance(store):
     a = store.upsert_architecture(spec=spec()).arch_id
     workload = {"prompt_tokens": 128, "context_tokens": 256, "batch": 1, "warmup": 3, "repeats": 5}
     provenance = {"cpu": "AMD EPYC", "threads": 2, "provider": "CPUExecutionProvider", "versions": {"ort": "1.32"}}
-    m = store.add_measurement(
-        arch_id=a, profile="host", bitwidth=32, label="measured:local",
-        prefill_repeats_ms=[10.0, 12.0, 11.0, 30.0, 10.5], decode_repeats_ms=np.array([1.0, 1.1, 0.9, 1.2, 1.0]),
+    m = store.add_measurement(measurement(
+        a, prefill_repeats_ms=[10.0, 12.0, 11.0, 30.0, 10.5], decode_repeats_ms=np.array([1.0, 1.1, 0.9, 1.2, 1.0]),
         peak_memory_bytes=3 * 2**30, model_bytes=12_345_678, workload=workload, provenance=provenance,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert m.ok and m.measured and m.error is None
     assert m.prefill_ms == 11.0 and m.decode_ms_per_token == 1.0
     assert m.prefill_p10_ms == pytest.approx(np.percentile([10, 12, 11, 30, 10.5], 10))
@@ -249,34 +249,32 @@ def test_measurement_round_trip_keeps_spread_repeats_and_provenance(store):
     assert store.get_measurement(id=m.id) == m
     assert store.measurements(arch_id=a) == [m]
 
-    explicit = store.add_measurement(
-        arch_id=a, profile="jetson", bitwidth=32, label="estimated:roofline", prefill_ms=5.0, decode_ms_per_token=0.5
-    )
-    assert explicit.prefill_repeats_ms == () and explicit.prefill_p10_ms is None and not explicit.measured
+    explicit = store.add_measurement(measurement(a, profile="jetson", label="estimated:roofline", prefill_ms=5.0,
+                                                 decode_ms=0.5))
+    assert explicit.prefill_repeats_ms == () and explicit.prefill_p10_ms == 5.0 and not explicit.measured
+    # A row without repeats gives back the measurement it was written from.
+    assert explicit.to_measurement() == measurement(a, profile="jetson", label="estimated:roofline", prefill_ms=5.0,
+                                                    decode_ms=0.5)
 
 
 def test_measurement_values_are_checked(store):
     a = store.upsert_architecture(spec=spec()).arch_id
-    with pytest.raises(StoreError, match="needs prefill_ms and decode_ms_per_token"):
-        store.add_measurement(arch_id=a, profile="host", bitwidth=32, label="measured:local", prefill_ms=1.0)
     with pytest.raises(StoreError, match="prefill_ms must be a finite number"):
-        store.add_measurement(
-            arch_id=a, profile="host", bitwidth=32, label="measured:local", prefill_ms=math.nan, decode_ms_per_token=1
-        )
+        store.add_measurement(measurement(a, prefill_ms=math.nan, decode_ms=1))
     with pytest.raises(StoreError, match="label 'local'"):
-        store.add_measurement(arch_id=a, profile="host", bitwidth=32, label="local", error="x")
+        store.add_failed_measurement(arch_id=a, profile="host", bitwidth=32, label="local", error="x")
     with pytest.raises(StoreError, match="upsert_architecture"):
-        store.add_measurement(arch_id="f" * 16, profile="host", bitwidth=32, label="measured:local", error="x")
+        store.add_failed_measurement(arch_id="f" * 16, profile="host", bitwidth=32, label="measured:local", error="x")
 
 
 def test_reuse_picks_the_latest_successful_measurement(store):
     a = store.upsert_architecture(spec=spec()).arch_id
     key = {"arch_id": a, "profile": "host", "bitwidth": 32}
     assert store.find_measurement(**key) is None
-    old = store.add_measurement(**key, label="measured:local", prefill_ms=2.0, decode_ms_per_token=0.2)
-    node = store.add_measurement(**key, label="measured:node-7", prefill_ms=3.0, decode_ms_per_token=0.3)
-    est = store.add_measurement(**key, label="estimated:roofline", prefill_ms=4.0, decode_ms_per_token=0.4)
-    failed = store.add_measurement(**key, label="measured:local", error="onnxruntime: out of memory")
+    old = store.add_measurement(measurement(a, label="measured:local", prefill_ms=2.0, decode_ms=0.2))
+    node = store.add_measurement(measurement(a, label="measured:node-7", prefill_ms=3.0, decode_ms=0.3))
+    est = store.add_measurement(measurement(a, label="estimated:roofline", prefill_ms=4.0, decode_ms=0.4))
+    failed = store.add_failed_measurement(**key, label="measured:local", error="onnxruntime: out of memory")
     assert not failed.ok and failed.prefill_ms is None
     assert store.find_measurement(**key) == est  # the newest that succeeded; the failure never counts
     assert store.find_measurement(**key, labels=["measured:*"]) == node
@@ -287,15 +285,17 @@ def test_reuse_picks_the_latest_successful_measurement(store):
     assert store.find_measurement(arch_id=a, profile="jetson", bitwidth=32) is None
     assert store.find_measurement(arch_id=a, profile="host", bitwidth=8) is None
     # A workload filter skips rows taken with another workload.
+    # A row also records how it was run (warm-up, repeats): the filter names the keys that matter.
     w = {"prompt_tokens": 64}
-    taken = store.add_measurement(**key, label="measured:local", prefill_ms=9.0, decode_ms_per_token=0.9, workload=w)
+    taken = store.add_measurement(measurement(a, prefill_ms=9.0, decode_ms=0.9, workload={**w, "repeats": 20}))
     assert store.find_measurement(**key, workload=w) == taken
     assert store.find_measurement(**key, workload={"prompt_tokens": 32}) is None
+    assert store.find_measurement(**key, workload={**w, "batch": 1}) is None
     assert len(store.measurements(arch_id=a)) == 5
     # By id, newest first, past the 500-id chunk a long IN list is cut into; unknown ids are skipped.
     assert [m.id for m in store.measurements(ids=[old.id, taken.id, 10**9])] == [taken.id, old.id]
     assert store.measurements(ids=[]) == []
-    many = [store.add_measurement(**key, label="estimated:roofline", prefill_ms=1.0, decode_ms_per_token=0.1).id
+    many = [store.add_measurement(measurement(a, label="estimated:roofline", prefill_ms=1.0, decode_ms=0.1)).id
             for _ in range(501)]
     assert {m.id for m in store.measurements(ids=[*many, node.id])} == {*many, node.id}
 
@@ -343,9 +343,7 @@ def test_study_round_trip_and_finders(store):
 def test_trial_lifecycle(store):
     new_study(store)
     arch = store.upsert_architecture(spec=spec())
-    m = store.add_measurement(
-        arch_id=arch.arch_id, profile="host", bitwidth=32, label="measured:local", prefill_ms=1, decode_ms_per_token=2
-    )
+    m = store.add_measurement(measurement(arch.arch_id, prefill_ms=1, decode_ms=2))
 
     t = store.start_trial(study="s", number=0, optuna_trial_id=100, worker="host:123")
     assert (t.state, t.arch_id, t.finished_at, t.seconds, t.worker) == ("running", None, None, None, "host:123")

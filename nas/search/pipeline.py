@@ -14,8 +14,10 @@ Where the figure comes from follows the profile's ``measurement.where``:
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nas.spec.arch import ArchSpec
@@ -32,35 +34,44 @@ class NotMeasurable(NasError):
     """A measured figure was required, but nothing can measure on the profile's device."""
 
 
-def host_setup(refresh: bool = False) -> tuple[HardwareProfile, HostCalibration]:
-    """The host profile with its measured facts filled in, and the calibration behind them."""
+@dataclass
+class Host:
+    """This machine as a measurer: its profile with the measured facts filled in, the calibration
+    behind them, and the correction factors fitted per target profile. The factors depend on the
+    target's calibration points *and* on this calibration, so they are cached here, with it: a
+    new calibration is a new ``Host`` and fits them again."""
+
+    profile: HardwareProfile
+    cal: HostCalibration
+    _corrections: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+
+    def corrections(self, target: HardwareProfile) -> tuple[float, float]:
+        """(decode, prefill) correction factors from the target's calibration points: each point's
+        arch is exported and measured here on the target's workload, estimated, and compared with
+        the figure measured on the device. (1, 1) without points."""
+        from nas.stages.export import export_spec
+
+        if not target.calibration:
+            return (1.0, 1.0)
+        # the fingerprint leaves calibration out (it keys measurements); the points matter here
+        points = json.dumps(target.model_dump(mode="json", include={"calibration"}), sort_keys=True)
+        key = f"{target.name}-{target.fingerprint}-{points}"
+        if key not in self._corrections:
+            pairs = []
+            for point in target.calibration:
+                with tempfile.TemporaryDirectory() as tmp:
+                    exported = export_spec(point.arch, Path(tmp))
+                    here = measure_local(exported.path.parent, point.arch, target, runtime=self.profile)
+                pairs.append((estimate(here, point.arch, target, self.cal), point.decode_ms, point.prefill_ms))
+            self._corrections[key] = fit_corrections(pairs)
+        return self._corrections[key]
+
+
+def host_setup(refresh: bool = False) -> Host:
+    """This host, calibrated (cached on disk after the first run; ``refresh`` measures again)."""
     host = load_profile(HOST_PROFILE)
     cal = calibrate_host(host, refresh=refresh)
-    return calibrated_profile(host, cal), cal
-
-
-_CORRECTIONS: dict[str, tuple[float, float]] = {}
-
-
-def device_corrections(profile: HardwareProfile, host: HardwareProfile, cal: HostCalibration,
-                       ) -> tuple[float, float]:
-    """(decode, prefill) correction factors from the profile's calibration points: each point's
-    arch is exported and measured here on the profile's workload, estimated, and compared with the
-    figure measured on the device. (1, 1) without points. Memoized per profile fingerprint."""
-    from nas.stages.export import export_spec
-
-    if not profile.calibration:
-        return (1.0, 1.0)
-    key = f"{profile.name}-{profile.fingerprint}-{len(profile.calibration)}"
-    if key not in _CORRECTIONS:
-        pairs = []
-        for point in profile.calibration:
-            with tempfile.TemporaryDirectory() as tmp:
-                exported = export_spec(point.arch, Path(tmp))
-                here = measure_local(exported.path.parent, point.arch, profile, runtime=host)
-            pairs.append((estimate(here, point.arch, profile, cal), point.decode_ms, point.prefill_ms))
-        _CORRECTIONS[key] = fit_corrections(pairs)
-    return _CORRECTIONS[key]
+    return Host(calibrated_profile(host, cal), cal)
 
 
 def measure_deployed(
@@ -68,8 +79,7 @@ def measure_deployed(
     model_dir: Path,
     profile: HardwareProfile,
     *,
-    host: HardwareProfile,
-    cal: HostCalibration,
+    host: Host,
     require_measured: bool = False,
     ray_measure: Callable[[ArchSpec, Path, HardwareProfile], Measurement] | None = None,
     notify: Callable[[str], None] | None = None,
@@ -91,21 +101,5 @@ def measure_deployed(
                    f"figures for {profile.name} are estimated:roofline, not measured")
     elif require_measured:
         raise NotMeasurable(f"profile {profile.name!r} can only be estimated (measurement.where: estimate)")
-    here = measure_local(model_dir, spec, profile, runtime=host)
-    return estimate(here, spec, profile, cal, corrections=device_corrections(profile, host, cal))
-
-
-def budget_constraints(m: Measurement, profile: HardwareProfile) -> dict[str, float]:
-    """Constraint values for each budget the profile sets: figure minus budget, in the budget's
-    unit (<= 0 is feasible, as Optuna's constraints expect)."""
-    b = profile.budgets
-    out: dict[str, float] = {}
-    if b.peak_memory_mb is not None:
-        out["peak_memory_mb"] = m.peak_memory_mb - b.peak_memory_mb
-    if b.decode_ms_per_token is not None:
-        out["decode_ms_per_token"] = m.decode_ms - b.decode_ms_per_token
-    if b.prefill_ms is not None:
-        out["prefill_ms"] = m.prefill_ms - b.prefill_ms
-    if b.model_mb is not None:
-        out["model_mb"] = m.model_mb - b.model_mb
-    return out
+    here = measure_local(model_dir, spec, profile, runtime=host.profile)
+    return estimate(here, spec, profile, host.cal, corrections=host.corrections(profile))

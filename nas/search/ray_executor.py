@@ -5,7 +5,7 @@ trial. The trial itself is the local one: the Tune trainable opens the same stud
 database and calls ``Search.run_one``, which asks Optuna for parameters inside ``study.optimize``
 and runs the stages, the store writes and the tell exactly as a local run does.
 
-Why ask/tell inside the trainable rather than Ray's ``OptunaSearch`` (NOTES.md, "Ray Tune 2.60"):
+Why ask/tell inside the trainable rather than Ray's ``OptunaSearch`` (docs/dependencies.md, "Ray Tune"):
 ``OptunaSearch`` has no hook for ``trial.set_constraint``, so the budgets would need a subclass
 that re-tells them from the reported result; infeasible trials' placeholder objectives, the
 store's rows and its failure reasons would then be split between the driver and the workers; and
@@ -43,11 +43,13 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas.search.config import SearchEvents
 from nas.spec.errors import NasError
 from nas.spec.results import Measurement, measured_on
 
 if TYPE_CHECKING:
-    from nas.search.study import Events, Search, SearchConfig
+    from nas.search.config import SearchConfig
+    from nas.search.study import Search
     from nas.spec.arch import ArchSpec
     from nas.spec.profile import HardwareProfile
 
@@ -73,18 +75,18 @@ class RayUnavailable(NasError):
 
 
 # --- the driver ------------------------------------------------------------------------------------
-def run_with_ray(cfg: SearchConfig, opts: RayOptions, events: Events | None = None,
+def run_with_ray(cfg: SearchConfig, opts: RayOptions, events: SearchEvents | None = None,
                  stop: threading.Event | None = None, n_trials: int | None = None,
                  timeout_s: float | None = None) -> dict[str, int]:
     """Run the study's trials as Ray Tune trials, ``opts.workers`` at a time. Same counts, same
     store, same Optuna study as ``Search.run``. A set ``stop`` ends the run as Ctrl-C would."""
-    from nas.search.study import Search, SilentEvents
+    from nas.search.study import Search
 
     if n_trials is None and timeout_s is None:
         raise NasError("give a number of trials or a time budget (or both)")
     if opts.workers < 1:
         raise NasError(f"--workers must be at least 1, not {opts.workers}")
-    events = events or SilentEvents()
+    events = events or SearchEvents()
     stop = stop or threading.Event()
     cfg = portable_config(cfg)
     driver = Search(cfg, events, stop=stop)  # creates or joins the study, checks its settings
@@ -178,33 +180,33 @@ def _trial_resources(ray: Any, cfg: SearchConfig, opts: RayOptions) -> dict[str,
     return {"cpu": opts.cpus_per_trial, "gpu": gpu}
 
 
-def _device_node(ray: Any, driver: Search, events: Events) -> str | None:
+def _device_node(ray: Any, driver: Search, events: SearchEvents) -> str | None:
     """The profile's Ray resource when a node of the cluster advertises it, else None (said once)."""
     from nas.search.pipeline import NotMeasurable
 
-    m = driver._ctx.profile.measurement
+    m = driver.profile.measurement
     if m.where != "ray":
         return None
     if ray.cluster_resources().get(m.ray_resource, 0) > 0:
         names = [n["NodeName"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(m.ray_resource)]
-        events.message(f"measurements for {driver._ctx.profile.name} run on the Ray node(s) with "
+        events.message(f"measurements for {driver.profile.name} run on the Ray node(s) with "
                        f"{m.ray_resource!r}: {', '.join(names)}")
         return m.ray_resource
-    unknown = driver._ctx.profile.to_be_measured()
+    unknown = driver.profile.to_be_measured()
     if unknown:
-        raise NotMeasurable(f"no Ray node advertises {m.ray_resource!r}, and profile {driver._ctx.profile.name!r} "
+        raise NotMeasurable(f"no Ray node advertises {m.ray_resource!r}, and profile {driver.profile.name!r} "
                             f"cannot be estimated without it: {unknown[0]} is 'measure'")
     if driver.cfg.require_measured:
-        raise NotMeasurable(f"profile {driver._ctx.profile.name!r} is measured on a Ray node advertising "
+        raise NotMeasurable(f"profile {driver.profile.name!r} is measured on a Ray node advertising "
                             f"{m.ray_resource!r}, and none is in the cluster (--require-measured)")
-    events.message(f"no Ray node advertises {m.ray_resource!r}: figures for {driver._ctx.profile.name} are "
+    events.message(f"no Ray node advertises {m.ray_resource!r}: figures for {driver.profile.name} are "
                    "estimated:roofline, not measured (join the device with "
                    f"`ray start --address HEAD --resources '{{\"{m.ray_resource}\": 1}}'`)")
     return None
 
 
 def _tune(ray: Any, driver: Search, cfg: SearchConfig, opts: RayOptions, resources: dict[str, float],
-          measure_on: str | None, events: Events, stop: threading.Event, n_trials: int | None,
+          measure_on: str | None, events: SearchEvents, stop: threading.Event, n_trials: int | None,
           timeout_s: float | None) -> dict[str, int]:
     from ray import tune
 
@@ -247,7 +249,7 @@ def _tune(ray: Any, driver: Search, cfg: SearchConfig, opts: RayOptions, resourc
     return relay.counts
 
 
-def _tune_hooks(driver: Search, events: Events, stop: threading.Event, deadline: float | None) -> tuple[Any, Any]:
+def _tune_hooks(driver: Search, events: SearchEvents, stop: threading.Event, deadline: float | None) -> tuple[Any, Any]:
     # Made here, against Tune's base classes, so that importing this module does not import Ray.
     from ray.tune import Callback, Stopper
 
@@ -264,17 +266,17 @@ def _tune_hooks(driver: Search, events: Events, stop: threading.Event, deadline:
 def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 15.0) -> None:
     """Fail and queue again the trials of this host's workers that died; after a stop, give the
     stopped workers a moment to exit first."""
-    from nas.search.study import WORKER, _alive
+    from nas.search.study import worker_alive, worker_id
 
-    host = WORKER.rsplit(":", 1)[0]
+    host = worker_id().rsplit(":", 1)[0]
     end = time.monotonic() + wait_s
     while True:
         for number in driver.recover():
             relay.note_failed(number, "its Ray worker stopped mid-trial; parameters queued again")
         if not stopped:
             return
-        rows = driver._ctx.store.trials(study=driver.cfg.study, states=["running"])
-        alive = [r for r in rows if r.worker and r.worker.rsplit(":", 1)[0] == host and _alive(r.worker)]
+        rows = driver.store.trials(study=driver.cfg.study, states=["running"])
+        alive = [r for r in rows if r.worker and r.worker.rsplit(":", 1)[0] == host and worker_alive(r.worker)]
         if not alive or time.monotonic() > end:
             return
         time.sleep(0.5)
@@ -283,7 +285,7 @@ def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 15
 class _RelayMixin:
     """A Tune callback on the driver (made one by ``_tune_hooks``): trial results to the search's
     events and counts; a trial whose worker died is failed in the store and queued again."""
-    def __init__(self, driver: Search, events: Events) -> None:
+    def __init__(self, driver: Search, events: SearchEvents) -> None:
         self.driver = driver
         self.events = events
         self.counts = {"complete": 0, "infeasible": 0, "failed": 0, "invalid": 0}
@@ -355,51 +357,55 @@ class _StopMixin:
 
 
 # --- the workers -----------------------------------------------------------------------------------
-_WORKER_SEARCH: dict[str, Search] = {}
+class _ProcessSearch:
+    """The Search of this Ray worker process, kept between the Tune trials the process runs
+    (opening a study and loading the corpus cost seconds). Keyed by everything that defines it:
+    a trial of another study or another device node closes the old one and opens its own."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.search: Search | None = None
+
+    def get(self, cfg: SearchConfig, measure_on: str | None) -> Search:
+        from nas.search.study import Search
+
+        key = repr((cfg, measure_on))
+        if self.search is None or self.key != key:
+            if self.search is not None:
+                self.search.close()
+            self.search = Search(cfg, _LastSummary())
+            if measure_on is not None:
+                self.search.ray_measure = measure_on_ray
+            self.key = key
+        return self.search
+
+
+# One per Ray worker process: Tune calls the trainable function, which cannot hold state itself.
+_PROCESS_SEARCH = _ProcessSearch()
 
 
 def _trainable(config: dict[str, Any]) -> None:
     """One Tune trial: one counted trial of the study, run by the local trial code."""
     from ray import tune
 
-    from nas.search.study import WORKER
+    from nas.search.study import worker_id
 
     if config["deadline"] is not None and time.time() > config["deadline"]:
-        tune.report({"state": "skipped", "worker": WORKER})
+        tune.report({"state": "skipped", "worker": worker_id()})
         return
-    search = _worker_search(config["cfg"], config["measure_on"])
+    search = _PROCESS_SEARCH.get(config["cfg"], config["measure_on"])
     trial_id = tune.get_context().get_trial_id() or ""
-    seed = config["cfg"].seed + len(search._ctx.study.trials) + zlib.crc32(trial_id.encode()) % 1_000_003
+    seed = config["cfg"].seed + len(search.study.trials) + zlib.crc32(trial_id.encode()) % 1_000_003
     events = search.events
     state, number, invalid = search.run_one(seed, config["n_trials_hint"])
-    tune.report({"state": state, "number": number, "invalid": invalid, "worker": WORKER,
+    tune.report({"state": state, "number": number, "invalid": invalid, "worker": worker_id(),
                  "summary": getattr(events, "last", "")})
 
 
-def _worker_search(cfg: SearchConfig, measure_on: str | None) -> Search:
-    from nas.search.study import Search
-
-    key = repr((cfg, measure_on))
-    if key not in _WORKER_SEARCH:
-        for old in _WORKER_SEARCH.values():
-            old.close()
-        _WORKER_SEARCH.clear()
-        search = Search(cfg, _LastSummary())
-        if measure_on is not None:
-            search.ray_measure = measure_on_ray
-        _WORKER_SEARCH[key] = search
-    return _WORKER_SEARCH[key]
-
-
-class _LastSummary:
+class _LastSummary(SearchEvents):
     """A worker's events: only the finished trial's one-line summary goes back to the driver."""
 
     last = ""
-
-    def message(self, text: str) -> None: ...
-    def trial_started(self, number: int) -> None: ...
-    def stage(self, number: int, stage: str, detail: str) -> None: ...
-    def train_progress(self, number: int, step: int, total: int, loss: float) -> None: ...
 
     def trial_finished(self, number: int, state: str, summary: str) -> None:
         self.last = summary

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from nas.spec.errors import SpecError
 
@@ -33,22 +33,12 @@ FFNKind = Literal["gated", "plain"]
 Activation = Literal["silu", "gelu", "relu"]
 Norm = Literal["rmsnorm", "layernorm"]
 Sharing = Literal["none", "block_repeat"]
-BITWIDTHS = (32, 16, 8, 4)
+Bitwidth = Literal[32, 16, 8, 4]
+BITWIDTHS: tuple[int, ...] = get_args(Bitwidth)
 
 # int4 is weight-only with one fp32 scale and a 4-bit zero point per block of this many weights
 # (ONNX Runtime's MatMulNBits layout); the exporter uses the same block so the bytes match the file.
 INT4_BLOCK_SIZE = 32
-
-# Fields whose allowed values are a fixed set, for validation and for the search-space loader.
-LITERAL_FIELDS: dict[str, tuple[Any, ...]] = {
-    "attention": get_args(Attention),
-    "ffn": get_args(FFNKind),
-    "activation": get_args(Activation),
-    "norm": get_args(Norm),
-    "layer_sharing": get_args(Sharing),
-    "bitwidth": BITWIDTHS,
-}
-
 
 @dataclass(frozen=True, kw_only=True)
 class ArchSpec:
@@ -88,7 +78,7 @@ class ArchSpec:
     # --- weights ---------------------------------------------------------------------------------
     tied_embeddings: bool = False
     """The output projection reuses the input embedding table."""
-    bitwidth: int = 32
+    bitwidth: Bitwidth = 32
     """Deployed weight precision: 32 (fp32), 16 (fp16), 8 (int8 dynamic), 4 (int4 weight-only)."""
 
     def __post_init__(self) -> None:
@@ -284,24 +274,32 @@ def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-_INT_FIELDS = (
-    "vocab_size", "d_model", "n_layers", "share_repeat", "n_heads", "n_kv_heads", "head_dim",
-    "mla_latent_rank", "mla_rope_dim", "context_length", "bitwidth",
+# --- field metadata -------------------------------------------------------------------------
+# Read from the dataclass's annotations, so that a new field needs no second list: validation,
+# the search-space loader and the web page's columns all iterate these.
+_HINTS = get_type_hints(ArchSpec)
+LITERAL_FIELDS: dict[str, tuple[Any, ...]] = {n: get_args(t) for n, t in _HINTS.items() if get_origin(t) is Literal}
+"""Fields whose allowed values are a fixed set, with those values."""
+INT_FIELDS: tuple[str, ...] = tuple(
+    n for n, t in _HINTS.items() if t is int or all(type(a) is int for a in LITERAL_FIELDS.get(n, (None,)))
 )
+FLOAT_FIELDS: tuple[str, ...] = tuple(n for n, t in _HINTS.items() if t is float)
+BOOL_FIELDS: tuple[str, ...] = tuple(n for n, t in _HINTS.items() if t is bool)
 
 
 def _check_types(spec: ArchSpec) -> None:
-    for name in _INT_FIELDS:
+    for name in INT_FIELDS:
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{name} must be an integer, got {value!r}")
-    for name in ("ffn_ratio", "rope_theta"):
+    for name in FLOAT_FIELDS:
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SpecError(f"{name} must be a finite number, got {value!r}")
         object.__setattr__(spec, name, float(value))  # 4 and 4.0 must hash alike
-    if not isinstance(spec.tied_embeddings, bool):
-        raise SpecError(f"tied_embeddings must be true or false, got {spec.tied_embeddings!r}")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(spec, name), bool):
+            raise SpecError(f"{name} must be true or false, got {getattr(spec, name)!r}")
     for name, allowed in LITERAL_FIELDS.items():
         if getattr(spec, name) not in allowed:
             raise SpecError(f"{name} must be one of {list(allowed)}, got {getattr(spec, name)!r}")

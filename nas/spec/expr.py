@@ -14,6 +14,8 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
+from nas.spec.errors import NasError
+
 _BINOPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
@@ -26,7 +28,7 @@ _CMPOPS = {
 _FUNCS = {"min": min, "max": max, "abs": abs}
 
 
-class ExprError(ValueError):
+class ExprError(NasError, ValueError):
     """An expression that does not parse, uses a construct outside the whitelist, names an
     unknown variable, or fails while being evaluated (e.g. a division by zero)."""
 

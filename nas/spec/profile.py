@@ -1,7 +1,7 @@
 """Hardware profiles: ``hw_profiles/<name>.yaml`` turned into a validated, frozen value.
 
 A profile is a board *and* the way a deployment runs on it: the same board moves a model's decode
-rate by up to ~4x across power modes (NOTES.md), so the power mode, the ONNX Runtime execution
+rate by up to ~4x across power modes (docs/dependencies.md, "Devices"), so the power mode, the ONNX Runtime execution
 provider and the thread count belong to the profile, not to the measurement. A profile file::
 
     description: Raspberry Pi 5 8GB, CPU, an offline voice assistant
@@ -36,8 +36,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -190,6 +191,27 @@ class Budgets(_Section):
     model_mb: PositiveFloat | None = None
     """Size of the deployed model files (graph and external data together), MiB."""
 
+    FIGURE_OF: ClassVar[dict[str, str]] = {
+        "peak_memory_mb": "peak_memory_mb", "decode_ms_per_token": "decode_ms", "prefill_ms": "prefill_ms",
+        "model_mb": "model_mb",
+    }
+    """Budget -> the measurement figure it bounds (``Measurement.figures()``'s names)."""
+
+    def limits(self) -> dict[str, float]:
+        """The budgets this profile sets, by name."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    def constraints(self, figures: Mapping[str, float | None]) -> dict[str, float]:
+        """Constraint values, figure minus budget in the budget's unit (<= 0 is met, as Optuna's
+        constraints read), for each budget set whose figure is known; a budget whose figure is
+        not in ``figures`` is left out rather than guessed."""
+        out = {}
+        for key, limit in self.limits().items():
+            value = figures.get(self.FIGURE_OF[key])
+            if value is not None:
+                out[key] = float(value) - limit
+        return out
+
     @property
     def peak_memory_bytes(self) -> float | None:
         return None if self.peak_memory_mb is None else self.peak_memory_mb * MIB
@@ -199,7 +221,7 @@ class Budgets(_Section):
         return None if self.model_mb is None else self.model_mb * MIB
 
 
-class Measurement(_Section):
+class MeasurementSite(_Section):
     """Where a figure for this profile comes from: ``local`` (this host measures for real),
     ``ray`` (a Ray node advertising ``ray_resource`` measures it on the device), ``estimate``
     (the roofline model scales a host measurement; labelled as such, never as measured)."""
@@ -209,7 +231,7 @@ class Measurement(_Section):
     """Custom resource a device's node advertises: ``ray start --resources '{"jetson": 1}'``."""
 
     @model_validator(mode="after")
-    def _resource_for_ray(self) -> Measurement:
+    def _resource_for_ray(self) -> MeasurementSite:
         if self.where == "ray" and not self.ray_resource:
             raise _FieldProblem(
                 "ray_resource", "is required when where is 'ray' (the resource the device's node advertises)"
@@ -255,7 +277,7 @@ class HardwareProfile(_Section):
     runtime: Runtime
     workload: Workload
     budgets: Budgets
-    measurement: Measurement
+    measurement: MeasurementSite
     calibration: tuple[CalibrationPoint, ...] = ()
 
     @field_validator("calibration", mode="before")
@@ -356,7 +378,7 @@ def min_peak_memory_bytes(spec: ArchSpec, workload: Workload) -> int:
 
 def analytic_budget_check(spec: ArchSpec, profile: HardwareProfile) -> list[str]:
     """Why ``spec`` is certainly over the profile's budgets, before anything is measured (an empty
-    list passes). Memory and size only: latency needs a measurement (NOTES.md: small decoders are
+    list passes). Memory and size only: latency needs a measurement (docs/dependencies.md: small decoders are
     overhead-bound, so bytes alone do not bound their speed from above)."""
     budgets, reasons = profile.budgets, []
     bits = DTYPES[spec.bitwidth]

@@ -43,6 +43,13 @@ class LatencyStats:
         return cls(median_ms=statistics.median(xs), p10_ms=q[0], p90_ms=q[-1], mean_ms=mean,
                    cv=stdev / mean if mean > 0 else 0.0, repeats_ms=tuple(samples_ms))
 
+    @classmethod
+    def of_median(cls, median_ms: float, p10_ms: float | None = None, p90_ms: float | None = None) -> LatencyStats:
+        """A figure known by its median (and perhaps its spread) but not its repeats: a published
+        measurement, or a row written without them."""
+        return cls(median_ms=median_ms, p10_ms=median_ms if p10_ms is None else p10_ms,
+                   p90_ms=median_ms if p90_ms is None else p90_ms, mean_ms=median_ms, cv=0.0, repeats_ms=())
+
     def scaled(self, factor: float) -> LatencyStats:
         """The same distribution scaled (an estimate keeps the host's relative spread)."""
         return LatencyStats.from_samples([x * factor for x in self.repeats_ms])
@@ -61,8 +68,9 @@ class Measurement:
     """One prefill of the profile's prompt (batch, prompt_tokens)."""
     decode: LatencyStats
     """One decode step (per token) with context_tokens already in the KV cache."""
-    peak_memory_bytes: int
-    """Peak resident memory (VmHWM) of the inference process, runtime included."""
+    peak_memory_bytes: int | None
+    """Peak resident memory (VmHWM) of the inference process, runtime included; None where it
+    could not be read (never 0, which would meet every memory budget)."""
     model_bytes: int
     """Size of every file of the deployed model (the .onnx and its external data)."""
     workload: dict[str, Any] = field(default_factory=dict)
@@ -80,12 +88,25 @@ class Measurement:
         return self.prefill.median_ms
 
     @property
-    def peak_memory_mb(self) -> float:
-        return self.peak_memory_bytes / 2**20
+    def peak_memory_mb(self) -> float | None:
+        return None if self.peak_memory_bytes is None else self.peak_memory_bytes / 2**20
 
     @property
     def model_mb(self) -> float:
         return self.model_bytes / 2**20
+
+    def figures(self) -> dict[str, float]:
+        """The figures a study optimizes or budgets, by the names objectives and plots use; a
+        figure that was not taken is absent."""
+        out = {"decode_ms": self.decode_ms, "prefill_ms": self.prefill_ms, "model_mb": self.model_mb}
+        if self.peak_memory_mb is not None:
+            out["peak_memory_mb"] = self.peak_memory_mb
+        return out
+
+    def spreads(self) -> dict[str, tuple[float, float]]:
+        """(p10, p90) of each latency figure over its repeats."""
+        return {"decode_ms": (self.decode.p10_ms, self.decode.p90_ms),
+                "prefill_ms": (self.prefill.p10_ms, self.prefill.p90_ms)}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from nas.spec.arch import LITERAL_FIELDS, ArchSpec
+from nas.spec.arch import BOOL_FIELDS, FLOAT_FIELDS, LITERAL_FIELDS, ArchSpec
 from nas.spec.errors import ConfigError, NasError, SpecError
 from nas.spec.expr import Expr, ExprError
 from nas.spec.files import definition_files, parse_yaml_mapping, read_definition
@@ -40,8 +40,6 @@ from nas.spec.settings import TrainConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(ArchSpec)}
 REQUIRED = tuple(n for n, f in FIELDS.items() if f.default is dataclasses.MISSING)
-_FLOAT_FIELDS = {"ffn_ratio", "rope_theta"}
-_BOOL_FIELDS = {"tied_embeddings"}
 
 # Figures a rule may use besides the spec's fields, computed on the built spec.
 DERIVED: dict[str, Callable[[ArchSpec], Any]] = {
@@ -227,10 +225,10 @@ def _check_value(source: str, key: str, field: str, value: Any) -> Any:
     if field in LITERAL_FIELDS:
         if value not in LITERAL_FIELDS[field] or isinstance(value, bool):
             raise ConfigError(source, key, f"{value!r} is not allowed; allowed: {list(LITERAL_FIELDS[field])}")
-    elif field in _BOOL_FIELDS:
+    elif field in BOOL_FIELDS:
         if not isinstance(value, bool):
             raise ConfigError(source, key, f"{value!r} must be true or false")
-    elif field in _FLOAT_FIELDS:
+    elif field in FLOAT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, key, f"{value!r} must be a number")
         return float(value)
@@ -279,8 +277,8 @@ def _parse_dimension(source: str, name: str, raw: Any, earlier: set[str]) -> Dim
     # A range.
     if "high" not in raw:
         raise ConfigError(source, f"{key}.high", "a range needs both low and high")
-    is_float = name in _FLOAT_FIELDS
-    if not is_float and (name in LITERAL_FIELDS or name in _BOOL_FIELDS):
+    is_float = name in FLOAT_FIELDS
+    if not is_float and (name in LITERAL_FIELDS or name in BOOL_FIELDS):
         raise ConfigError(source, key, "a categorical field takes choices or value, not a range")
     low = _check_value(source, f"{key}.low", name, raw["low"])
     high = _check_value(source, f"{key}.high", name, raw["high"])

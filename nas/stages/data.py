@@ -5,7 +5,7 @@ train and validation by a hash of the key, so that the split never depends on ra
 which other documents are present. Its fingerprint names the data in every cache and in the store.
 
 The embedded default is the running interpreter's own standard library sources: real text that
-every install has, so a search needs no download (NOTES.md, "Data").
+every install has, so a search needs no download (docs/dependencies.md, "Data").
 
 Caches live under `cache_dir()` and are keyed by (fingerprint, vocab size). Several search
 workers may fill them at once, so every file is written to a temporary name and moved into place
@@ -19,7 +19,7 @@ import json
 import os
 import sysconfig
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,10 +257,41 @@ def _fingerprint(docs: dict[str, str], keys: list[str], val_fraction: float) -> 
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 
-_memo_lock = threading.Lock()
-# Keyed by the cache file's path (not only fingerprint and vocab), so that a different
-# NAS_CACHE_DIR is a different cache, in tests too.
-_tokenizer_memo: dict[str, tuple[Tokenizer, str]] = {}
+class TokenizerCache:
+    """Tokenizers loaded in this process, so that a search's trials do not parse the same JSON
+    again. Keyed by the tokenizer file's path (a different NAS_CACHE_DIR is a different cache)
+    and its size and modification time, so that a file retrained or replaced on disk is read
+    again rather than served stale."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, int, int], tuple[Tokenizer, str]] = {}
+
+    def get(self, path: Path, train: Callable[[], Tokenizer]) -> tuple[Tokenizer, str]:
+        """(tokenizer, sha256 of its JSON) from ``path``, trained with ``train`` and written there
+        first when the file does not exist."""
+        with self._lock:
+            if not path.exists():
+                atomic_write(path, train().to_str())
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in self._items:
+                text = path.read_text(encoding="utf-8")
+                tok = Tokenizer.from_str(text)
+                # Text that happens to contain "<|endoftext|>" must be encoded as those 13 bytes;
+                # only the separator that tokenize_corpus inserts is the special token.
+                tok.encode_special_tokens = True
+                self._items = {k: v for k, v in self._items.items() if k[0] != key[0]}  # drop stale versions
+                self._items[key] = (tok, hashlib.sha256(text.encode()).hexdigest())
+            return self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+TOKENIZERS = TokenizerCache()
+"""This process's tokenizers (see :class:`TokenizerCache`)."""
 
 
 def get_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
@@ -276,20 +307,7 @@ def _tokenizer_and_hash(corpus: Corpus, vocab_size: int) -> tuple[Tokenizer, str
         raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
                         f"{_MIN_VOCAB} (256 bytes and {EOS})")
     path = cache_dir() / "tokenizers" / f"{corpus.fingerprint}-{vocab_size}.json"
-    with _memo_lock:
-        if str(path) not in _tokenizer_memo:
-            if path.exists():
-                text = path.read_text(encoding="utf-8")
-                tok = Tokenizer.from_str(text)
-            else:
-                tok = _train_tokenizer(corpus, vocab_size)
-                text = tok.to_str()
-                atomic_write(path, text)
-            # Text that happens to contain "<|endoftext|>" must be encoded as those 13 bytes;
-            # only the separator that tokenize_corpus inserts is the special token.
-            tok.encode_special_tokens = True
-            _tokenizer_memo[str(path)] = (tok, hashlib.sha256(text.encode()).hexdigest())
-        return _tokenizer_memo[str(path)]
+    return TOKENIZERS.get(path, lambda: _train_tokenizer(corpus, vocab_size))
 
 
 def _train_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:

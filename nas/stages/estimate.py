@@ -12,7 +12,7 @@ The host's bandwidth and rates are what ONNX Runtime attains here (``calibrate_h
 target's are datasheet peaks, which real kernels do not reach, so an uncorrected estimate is
 optimistic. Calibration points measured on the real device (``calibration:`` in its profile)
 correct it: each phase is multiplied by the median ratio measured / estimated over the points.
-Small models are partly overhead-bound (NOTES.md: most of a decode step is small element-wise
+Small models are partly overhead-bound (docs/dependencies.md, "ONNX export": most of a decode step is small element-wise
 ops); that share is scaled like the rest, one more reason to calibrate on the device.
 """
 
@@ -68,14 +68,14 @@ def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int
                    timeout_s: float = 300.0) -> HostCalibration:
     """Measure (or load from the cache) the host's bandwidth and matrix-multiply rates, in an
     isolated worker process pinned like a measurement."""
-    from nas.stages.measure import MeasurementError, _cores
+    from nas.stages.measure import MeasurementError, pinned_cores
 
     path = _calibration_path(host)
     if path.exists() and not refresh:
         data = json.loads(path.read_text())
         return HostCalibration(**data)
     args = {"mode": "calibrate", "threads": host.runtime.threads, "provider": host.runtime.execution_provider,
-            "repeats": repeats, "max_phase_seconds": 10.0, "cores": _cores(host.runtime.threads)}
+            "repeats": repeats, "max_phase_seconds": 10.0, "cores": pinned_cores(host.runtime.threads)}
     try:
         proc = subprocess.run([sys.executable, "-m", "nas.stages.measure_worker", json.dumps(args)],
                               capture_output=True, text=True, timeout=timeout_s)

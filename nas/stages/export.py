@@ -11,7 +11,7 @@ would, with no second graph to keep in step. Names are explicit and stable::
 
 Choices, and why:
 
-- torch's dynamo exporter at opset 20 (NOTES.md): the TorchScript exporter fails on SDPA with
+- torch's dynamo exporter at opset 20 (docs/dependencies.md): the TorchScript exporter fails on SDPA with
   ``enable_gqa``; opset 23 emits a native ``Attention`` op that broke ORT's quantization tools.
 - Every ``nn.Linear`` is exported as ``MatMul(x, W^T)`` with W^T stored pre-transposed. Left as
   ``Linear``, the exporter writes ``Transpose(W) -> MatMul`` for the larger weights (its constant
@@ -20,7 +20,7 @@ Choices, and why:
   twice. Pre-transposed, each weight is one initializer, shared by every use of its block.
 - Tied embeddings: the lm_head is exported as its own pre-transposed constant, so that the
   quantizers treat it as a weight (as ``Transpose(table)`` it stayed fp32 under int4 and was
-  dequantized on every step under int8: NOTES.md). The deployed file then holds the table twice;
+  dequantized on every step under int8: docs/dependencies.md). The deployed file then holds the table twice;
   ``ExportedModel.tied_storage == "duplicated"`` says so, and the file size counts both.
 - fp16 converts inputs and outputs too (``keep_io_types=False``): the KV cache is held in fp16,
   as ``ArchSpec.activation_bytes`` and ``kv_cache_bytes_per_token`` assume, and a deployment that
@@ -232,13 +232,25 @@ def _cache_spec(spec: ArchSpec, dtype: str = "float32") -> tuple[CacheInput, ...
     return tuple(out)
 
 
+def _from_exporters(record: logging.LogRecord) -> bool:
+    """A record the exporter or a quantizer logged straight to the root logger (ONNX Runtime's
+    quantization tools call ``logging.info``/``logging.warning``)."""
+    path = record.pathname.replace("\\", "/")
+    return any(f"/{pkg}/" in path for pkg in ("onnxruntime", "onnx", "onnxscript", "onnx_ir", "torch"))
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporter's and quantizers' progress prints, warnings and INFO logs; errors
-    still raise."""
+    still raise. The root logger keeps its level: a filter drops only the records these
+    libraries send to it, so the rest of the program's logging is untouched."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript",
-                                              "onnx_ir", "onnxruntime", "root")]
+                                              "onnx_ir", "onnxruntime")]
     levels = [lg.level for lg in loggers]
+    root = logging.getLogger()
+    drop = logging.Filter()
+    drop.filter = lambda record: not (record.levelno < logging.ERROR and _from_exporters(record))  # type: ignore[method-assign]
+    root.addFilter(drop)
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
@@ -246,6 +258,7 @@ def _quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
+        root.removeFilter(drop)
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
@@ -465,10 +478,10 @@ def _quantize_int4(exported: ExportedModel, path: Path) -> ExportedModel:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # "Gather" joins the default ("MatMul",) so the embedding becomes GatherBlockQuantized (int4,
-    # blocks along d_model): left out, the fp32 table dominated a small int4 file (NOTES.md).
+    # blocks along d_model): left out, the fp32 table dominated a small int4 file (docs/dependencies.md).
     # The quantizer then raises the file's opset to 21, the first with int4 tensors; the ops in
     # our graph mean the same at 21, and ORT's outputs matched. accuracy_level=4 (int8 compute)
-    # was the fastest decode (NOTES.md) and its error equalled accuracy_level=0's here.
+    # was the fastest decode (docs/dependencies.md) and its error equalled accuracy_level=0's here.
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(exported.path)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=False,
         accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),

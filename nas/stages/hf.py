@@ -148,7 +148,7 @@ def save_hf(model: Decoder, out_dir: Path, *, tokenizer_json: Path | None = None
             eos_token: str | None = None, eos_token_id: int | None = None) -> Path:
     """Write a Hugging Face folder: ``config.json``, ``model.safetensors`` and, given a tokenizer,
     ``tokenizer.json`` with a ``tokenizer_config.json`` so ``AutoTokenizer`` loads it (the
-    onnxruntime-genai model builder needs one: NOTES.md)."""
+    onnxruntime-genai model builder needs one: docs/dependencies.md)."""
     from safetensors.torch import save_file
 
     spec = model.spec

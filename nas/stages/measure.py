@@ -34,7 +34,9 @@ class MeasurementError(NasError):
     """A measurement that failed: the worker crashed, was killed, timed out or reported an error."""
 
 
-def _cores(threads: int) -> list[int]:
+def pinned_cores(threads: int) -> list[int]:
+    """The cores a measurement of ``threads`` threads is pinned to: the first ones this process
+    may run on, so that another process's load does not show up as latency."""
     available = sorted(os.sched_getaffinity(0))
     return available[: max(1, min(threads, len(available)))]
 
@@ -73,7 +75,7 @@ def measure_local(
         "threads": threads,
         "provider": runtime_profile.runtime.execution_provider,
         "max_phase_seconds": max_phase_seconds,
-        "cores": _cores(threads),
+        "cores": pinned_cores(threads),
         **workload,
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

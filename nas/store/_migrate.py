@@ -1,7 +1,7 @@
 """Alembic, driven from code: no alembic.ini, the migrations found beside the package.
 
 Our history shares the database with Optuna's, which has its own ``alembic_version`` table. Two
-things keep them apart (NOTES.md): our version table is ``nas_alembic_version``, and every
+things keep them apart (docs/dependencies.md): our version table is ``nas_alembic_version``, and every
 comparison sees only ``nas_*`` tables (:func:`include_name`, :func:`include_object`), or
 autogenerate would propose dropping Optuna's tables.
 """

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.spec.results import LatencyStats, Measurement
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -64,6 +66,39 @@ class MeasurementRow:
     def measured(self) -> bool:
         """Taken on the device itself, as opposed to estimated."""
         return self.label.startswith("measured:")
+
+    def to_measurement(self) -> Measurement:
+        """The measurement as the stages made it (its repeats give back its statistics); a row
+        written from figures alone keeps its median, p10 and p90."""
+        if not self.ok or self.prefill_ms is None or self.decode_ms_per_token is None:
+            raise NasError(f"measurement {self.id} failed ({self.error}): it has no figures")
+
+        def stats(repeats: tuple[float, ...], median: float, p10: float | None, p90: float | None) -> LatencyStats:
+            return LatencyStats.from_samples(repeats) if repeats else LatencyStats.of_median(median, p10, p90)
+
+        return Measurement(
+            arch_id=self.arch_id, profile=self.profile, bitwidth=self.bitwidth, label=self.label,
+            prefill=stats(self.prefill_repeats_ms, self.prefill_ms, self.prefill_p10_ms, self.prefill_p90_ms),
+            decode=stats(self.decode_repeats_ms, self.decode_ms_per_token, self.decode_p10_ms, self.decode_p90_ms),
+            peak_memory_bytes=self.peak_memory_bytes, model_bytes=self.model_bytes or 0,
+            workload=self.workload, provenance=self.provenance,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The row as plain JSON-able data: its figures under the names objectives use, their
+        p10/p90, and where they came from. What `nas show --json`, the web API and an exported
+        winner's manifest write."""
+        out: dict[str, Any] = {"id": self.id, "label": self.label, "profile": self.profile,
+                               "bitwidth": self.bitwidth, "error": self.error}
+        figures: dict[str, Any] = {"decode_ms": None, "prefill_ms": None, "peak_memory_mb": None, "model_mb": None}
+        if self.ok and self.prefill_ms is not None and self.decode_ms_per_token is not None:
+            m = self.to_measurement()
+            figures.update(m.figures())
+            for key, (p10, p90) in m.spreads().items():
+                out[key.replace("_ms", "_p10_ms")], out[key.replace("_ms", "_p90_ms")] = p10, p90
+        out.update(figures, peak_memory_bytes=self.peak_memory_bytes, model_bytes=self.model_bytes,
+                   workload=self.workload, provenance=self.provenance, created_at=self.created_at.isoformat())
+        return out
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from nas.spec.arch import BITWIDTHS, ArchSpec
+from nas.spec.results import Measurement
 from nas.store._engine import (
     StoreError,
     default_db_url,
@@ -151,63 +152,43 @@ class Store:
         return found
 
     # --- measurements --------------------------------------------------------------------------
-    def add_measurement(
-        self,
-        *,
-        arch_id: str,
-        profile: str,
-        bitwidth: int,
-        label: str,
-        prefill_ms: float | None = None,
-        prefill_p10_ms: float | None = None,
-        prefill_p90_ms: float | None = None,
-        prefill_repeats_ms: Sequence[float] = (),
-        decode_ms_per_token: float | None = None,
-        decode_p10_ms: float | None = None,
-        decode_p90_ms: float | None = None,
-        decode_repeats_ms: Sequence[float] = (),
-        peak_memory_bytes: int | None = None,
-        model_bytes: int | None = None,
-        workload: Mapping[str, Any] | None = None,
-        provenance: Mapping[str, Any] | None = None,
-        error: str | None = None,
-    ) -> MeasurementRow:
-        """Record one measurement, or one failed attempt (``error`` set, figures optional).
+    def add_measurement(self, m: Measurement) -> MeasurementRow:
+        """Record one measurement as a stage made it: its medians, p10/p90 and raw repeats, the
+        label and the provenance (what it was taken on)."""
+        self._check_measurement_key(m.bitwidth, m.label)
+        bad = [k for k, v in m.figures().items() if not _is_finite_number(v)]
+        if bad:
+            raise StoreError(f"{bad[0]} must be a finite number, got {m.figures()[bad[0]]!r}")
+        return self._insert_measurement(
+            arch_id=m.arch_id, profile=m.profile, bitwidth=m.bitwidth, label=m.label,
+            prefill_ms=m.prefill.median_ms, prefill_p10_ms=m.prefill.p10_ms, prefill_p90_ms=m.prefill.p90_ms,
+            prefill_repeats_ms=[float(x) for x in m.prefill.repeats_ms],
+            decode_ms_per_token=m.decode.median_ms, decode_p10_ms=m.decode.p10_ms, decode_p90_ms=m.decode.p90_ms,
+            decode_repeats_ms=[float(x) for x in m.decode.repeats_ms],
+            peak_memory_bytes=m.peak_memory_bytes, model_bytes=m.model_bytes, workload=m.workload,
+            provenance=m.provenance,
+        )  # fmt: skip
 
-        Medians and p10/p90 left out are computed from the repeats, so a measurer can pass its
-        raw timings alone.
-        """
+    def add_failed_measurement(self, *, arch_id: str, profile: str, bitwidth: int, label: str, error: str,
+                               workload: Mapping[str, Any] | None = None) -> MeasurementRow:
+        """Record a failed attempt: no figures, the reason, and where it was tried (``label``)."""
+        self._check_measurement_key(bitwidth, label)
+        return self._insert_measurement(arch_id=arch_id, profile=profile, bitwidth=bitwidth, label=label,
+                                        error=error, workload=workload)
+
+    @staticmethod
+    def _check_measurement_key(bitwidth: int, label: str) -> None:
         if not _LABEL.match(label):
             raise StoreError(f"measurement label {label!r} must be measured:<where> or estimated:<how>")
         if bitwidth not in BITWIDTHS:
             raise StoreError(f"bitwidth must be one of {list(BITWIDTHS)}, got {bitwidth!r}")
-        prefill_ms, prefill_p10_ms, prefill_p90_ms = _spread(
-            prefill_repeats_ms, prefill_ms, prefill_p10_ms, prefill_p90_ms
-        )
-        decode_ms_per_token, decode_p10_ms, decode_p90_ms = _spread(
-            decode_repeats_ms, decode_ms_per_token, decode_p10_ms, decode_p90_ms
-        )
-        figures = {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms_per_token}
-        bad = [k for k, v in figures.items() if v is not None and not _is_finite_number(v)]
-        if bad:
-            raise StoreError(f"{bad[0]} must be a finite number, got {figures[bad[0]]!r}")
-        if error is None and (prefill_ms is None or decode_ms_per_token is None):
-            raise StoreError(
-                "a successful measurement needs prefill_ms and decode_ms_per_token (or their repeats); "
-                "record a failed one with error=<reason>"
-            )
+
+    def _insert_measurement(self, *, workload: Mapping[str, Any] | None = None,
+                            provenance: Mapping[str, Any] | None = None, **columns: Any) -> MeasurementRow:
         with self._write() as s:
-            _require_architecture(s, arch_id)
-            row = MeasurementModel(
-                arch_id=arch_id, profile=profile, bitwidth=bitwidth, label=label,
-                prefill_ms=prefill_ms, prefill_p10_ms=prefill_p10_ms, prefill_p90_ms=prefill_p90_ms,
-                prefill_repeats_ms=[float(x) for x in prefill_repeats_ms],
-                decode_ms_per_token=decode_ms_per_token, decode_p10_ms=decode_p10_ms, decode_p90_ms=decode_p90_ms,
-                decode_repeats_ms=[float(x) for x in decode_repeats_ms],
-                peak_memory_bytes=peak_memory_bytes, model_bytes=model_bytes,
-                workload=_jsonable(workload or {}), provenance=_jsonable(provenance or {}),
-                error=error, created_at=utcnow(),
-            )  # fmt: skip
+            _require_architecture(s, columns["arch_id"])
+            row = MeasurementModel(**columns, workload=_jsonable(workload or {}),
+                                   provenance=_jsonable(provenance or {}), created_at=utcnow())
             s.add(row)
             s.flush()
             return _measurement_row(row)
@@ -224,8 +205,9 @@ class Store:
         """The latest successful measurement for (arch_id, profile, bitwidth), or None.
 
         Failed attempts never count. ``labels`` keeps only those labels (``measured:*`` matches
-        any node); ``workload`` keeps only rows taken with exactly that workload, so that a
-        profile whose prompt or context length changed is measured again.
+        any node); ``workload`` keeps only rows whose workload has those values (a row
+        also records how it was run: warm-up, repeats), so that a profile whose prompt or context
+        length changed is measured again.
         """
         query = (
             select(MeasurementModel)
@@ -241,7 +223,7 @@ class Store:
             query = query.where(_label_filter(list(labels)))
         with self._read() as s:
             for row in s.scalars(query):
-                if workload is None or row.workload == dict(workload):
+                if workload is None or all((row.workload or {}).get(k) == v for k, v in workload.items()):
                     return _measurement_row(row)
         return None
 
@@ -549,17 +531,6 @@ def _jsonable(value: Any) -> Any:
     """The value as a reader will get it back: through the JSON columns' own serializer (numpy
     made plain, NaN made null, tuples made lists), so the row a write returns equals a read."""
     return None if value is None else json.loads(json_dumps(value))
-
-
-def _spread(
-    repeats: Sequence[float], median: float | None, p10: float | None, p90: float | None
-) -> tuple[float | None, float | None, float | None]:
-    if len(repeats):
-        values = np.asarray(repeats, dtype=float)
-        median = float(np.median(values)) if median is None else median
-        p10 = float(np.percentile(values, 10)) if p10 is None else p10
-        p90 = float(np.percentile(values, 90)) if p90 is None else p90
-    return median, p10, p90
 
 
 def _label_filter(labels: list[str]) -> Any:

@@ -173,7 +173,7 @@ class TrialModel(Base):
     constraints: Mapped[dict[str, float] | None] = mapped_column(JSON)
     artifact_dir: Mapped[str | None] = mapped_column(Text)
     # host:pid of the process running it: on resume, a running trial whose worker is gone is
-    # an orphan to fail (Optuna's ask/tell records no heartbeat: NOTES.md).
+    # an orphan to fail (Optuna's ask/tell records no heartbeat: docs/dependencies.md).
     worker: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime] = _now_column()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

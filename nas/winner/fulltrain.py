@@ -26,7 +26,7 @@ Choices, and why:
   finishes the current step, checkpoints and returns. ``max_steps`` stops the same way after that
   many steps (the schedule still spans the whole budget), to train in slices.
 - On a GPU, bf16 autocast and ``torch.compile`` by default; on the CPU neither (autocast here is
-  CUDA's, and NOTES.md found compile no faster on these CPUs for a 30-40 s first step). These,
+  CUDA's, and compile was measured no faster on these CPUs for a 30-40 s first step). These,
   the device and ``max_steps`` may change between sessions of one run; what the run computes
   (budget, batch, learning rate, data, initialization) may not.
 - The data is tokenized with the exported ``tokenizer.json`` itself, never a re-trained one (a

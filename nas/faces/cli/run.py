@@ -1,0 +1,371 @@
+"""`nas trial`, `nas measure`, `nas search`: start work. One architecture trained or measured,
+or the whole search. Registered on the main app by ``register(app)``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from nas.faces.cli.common import (
+    DbOpt,
+    JsonOpt,
+    SeedOpt,
+    SpaceOpt,
+    console,
+    db_url,
+    err_console,
+    fmt_bytes,
+    fmt_count,
+    read_arch_json,
+    spec_from,
+)
+from nas.faces.cli.results import print_pareto
+from nas.search.config import SearchEvents
+from nas.spec.errors import NasError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``trial``, ``measure``, ``search`` to ``app``."""
+    app.command()(trial)
+    app.command()(measure)
+    app.command()(search)
+
+
+def trial(
+    space: SpaceOpt,
+    arch_json: Annotated[Path | None, typer.Option(help="Train this spec (JSON, e.g. from `nas sample --json`) "
+                                                   "instead of a random one from the space.")] = None,
+    seed: SeedOpt = 0,
+    data: Annotated[str | None, typer.Option(help="Corpus: a .txt/.md/.jsonl file or folder "
+                                             "(default: the Python standard library's source).")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Training budget in tokens (default: the space's).")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Optional wall-clock budget in seconds.")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="Use a deterministic subset of the corpus "
+                                                  "of about this many bytes.")] = None,
+    device: Annotated[str, typer.Option(help="torch device for training: cpu, cuda.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train one architecture briefly, as a search trial would, and score its validation BPB.
+
+    Prints the falling training loss, then bits per byte on the validation split next to what a
+    unigram and a bigram count model of the same tokenizer achieve (8.0 is a uniform guess over bytes).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from nas.spec.space import load_space
+    from nas.stages.data import load_corpus, ngram_baseline_bpb, tokenize_corpus
+    from nas.stages.train import evaluate_bpb, train_brief
+
+    sp = load_space(space)
+    if arch_json is not None:
+        spec = read_arch_json(arch_json)
+        sp.check_rules(spec)
+    else:
+        spec = sp.sample(random.Random(seed))
+    overrides = {k: v for k, v in {"tokens": tokens, "seconds": seconds, "seed": seed}.items() if v is not None}
+    cfg = sp.training.model_copy(update=overrides)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NasError("--device cuda: no CUDA device is visible to torch")
+
+    log = err_console if as_json else console
+    log.print(f"[bold]{spec.arch_id}[/bold]  {spec.summary()}  ({fmt_count(spec.params())} params)")
+    with log.status("loading corpus and tokenizer (cached after the first run)…"):
+        corpus = load_corpus(data, max_bytes=max_bytes)
+        tc = tokenize_corpus(corpus, spec.vocab_size)
+    log.print(f"corpus {corpus.name} [{corpus.fingerprint}]: {fmt_bytes(corpus.train_bytes)} train, "
+              f"{fmt_bytes(corpus.val_bytes)} validation; {len(tc.train_ids):,} train tokens at vocab {tc.vocab_size}")
+
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=log) as bar:
+        task = bar.add_task("train", total=None, loss="…")
+
+        def on_progress(point, total: int) -> None:
+            bar.update(task, total=total, completed=point.step, loss=f"{point.loss:.3f}")
+            bar.console.print(f"step {point.step:5d}  tokens {point.tokens:>9,}  loss {point.loss:.4f}  "
+                              f"lr {point.lr:.2e}  {point.tokens / max(point.seconds, 1e-9):,.0f} tok/s")
+
+        model, result = train_brief(spec, tc, cfg, device=device, progress=on_progress)
+    with log.status("scoring validation bits per byte…"):
+        score = evaluate_bpb(model, tc, cfg.eval_tokens, device=device)
+        unigram, bigram = ngram_baseline_bpb(tc, 1), ngram_baseline_bpb(tc, 2)
+    out = {
+        "arch_id": spec.arch_id, "spec": spec.to_dict(), "params": spec.params(),
+        "train": {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+                  "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+                  "stopped_by": result.stopped_by},
+        "val_bpb": score.bpb, "val_tokens": score.tokens, "val_bytes": score.bytes,
+        "baseline_bpb": {"unigram": unigram, "bigram": bigram}, "corpus": corpus.fingerprint,
+    }
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"trial {spec.arch_id}", show_header=False)
+    table.add_row("architecture", spec.summary())
+    table.add_row("params", f"{spec.params():,} ({spec.non_embedding_params():,} non-embedding)")
+    table.add_row("trained", f"{result.tokens:,} tokens in {result.steps} steps, {result.seconds:.1f} s "
+                             f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f}")
+    table.add_row("validation BPB",
+                  f"[bold]{score.bpb:.4f}[/bold] over {score.bytes:,} bytes ({score.tokens:,} tokens)")
+    table.add_row("baselines BPB", f"bigram {bigram:.4f}, unigram {unigram:.4f}, uniform bytes 8.0")
+    console.print(table)
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Hardware profile: a name from `nas devices` or a "
+                                                                "YAML path.")]
+
+
+
+
+def _measurement_rows(m, profile) -> list[tuple[str, str, str]]:
+    """(figure, value, budget) rows, each value with its label."""
+    b = profile.budgets
+    tag = f"[dim]{m.label}[/dim]"
+
+    def budget(limit: float | None, value: float, unit: str) -> str:
+        if limit is None:
+            return ""
+        return f"{'[green]ok' if value <= limit else '[red]over'}[/] ≤ {limit:g} {unit}"
+
+    d, p = m.decode, m.prefill
+    return [
+        ("decode / token", f"{d.median_ms:.3f} ms (p10 {d.p10_ms:.3f}, p90 {d.p90_ms:.3f}, cv {d.cv:.1%}) {tag}",
+         budget(b.decode_ms_per_token, d.median_ms, "ms")),
+        ("prefill", f"{p.median_ms:.2f} ms (p10 {p.p10_ms:.2f}, p90 {p.p90_ms:.2f}, cv {p.cv:.1%}) {tag}",
+         budget(b.prefill_ms, p.median_ms, "ms")),
+        ("peak memory", f"{m.peak_memory_mb:.1f} MiB {tag}", budget(b.peak_memory_mb, m.peak_memory_mb, "MiB")),
+        ("model size", f"{m.model_mb:.2f} MiB", budget(b.model_mb, m.model_mb, "MiB")),
+    ]
+
+
+def measure(
+    device: DeviceOpt,
+    space: SpaceOpt,
+    arch_json: Annotated[Path | None, typer.Option(help="Measure this spec (JSON) instead of a random one "
+                                                   "from the space.")] = None,
+    seed: SeedOpt = 0,
+    require_measured: Annotated[bool, typer.Option(help="Refuse to estimate: fail unless the device itself "
+                                                   "measures.")] = False,
+    keep: Annotated[Path | None, typer.Option(help="Keep the exported ONNX files in this folder.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one architecture to ONNX, quantize it to its bitwidth and measure it on a device profile.
+
+    Prints prefill and per-token decode latency (median and spread over repeats), peak memory of
+    the inference process and model size, each labelled with where it came from
+    (measured:local, measured:<node>, estimated:roofline), next to the profile's budgets.
+    """
+    import tempfile
+
+    from nas.search.pipeline import host_setup, measure_deployed
+    from nas.spec.profile import analytic_budget_check, load_profile
+    from nas.stages.export import export_spec
+
+    spec = spec_from(space, arch_json, seed)
+    profile = load_profile(device)
+    log = err_console if as_json else console
+    log.print(f"[bold]{spec.arch_id}[/bold]  {spec.summary()}  ({fmt_count(spec.params())} params) on "
+              f"[bold]{profile.name}[/bold]: {profile.device.name}")
+    for reason in analytic_budget_check(spec, profile):
+        log.print(f"[yellow]over budget before measuring:[/yellow] {reason}")
+    with log.status("calibrating this host (once; cached)…"):
+        host = host_setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = keep or Path(tmp)
+        with log.status(f"exporting to ONNX and quantizing to {spec.bitwidth} bits…"):
+            exported = export_spec(spec, out_dir)
+        with log.status("measuring in an isolated ONNX Runtime process…"):
+            m = measure_deployed(spec, exported.path.parent, profile, host=host,
+                                 require_measured=require_measured,
+                                 notify=lambda msg: log.print(f"[yellow]note:[/yellow] {msg}"))
+    constraints = profile.budgets.constraints(m.figures())
+    feasible = all(v <= 0 for v in constraints.values())
+    if as_json:
+        print(json.dumps({"spec": spec.to_dict(), "arch_id": spec.arch_id, "feasible": feasible,
+                          "constraints": constraints, "measurement": m.to_dict()}, indent=2))
+        return
+    w = m.workload
+    table = Table(title=f"{spec.arch_id} on {profile.name}",
+                  caption=f"prompt {w['prompt_tokens']} tokens, decode at {w['context_tokens']} cached tokens, "
+                          f"batch {w['batch']}, {w['warmup']} warm-up + up to {w['repeats']} repeats")
+    table.add_column("figure")
+    table.add_column("value")
+    table.add_column("budget")
+    for row in _measurement_rows(m, profile):
+        table.add_row(*row)
+    console.print(table)
+    prov = m.provenance.get("host", m.provenance)
+    console.print(f"taken on: {prov.get('cpu')} · {prov.get('threads')} threads · {prov.get('execution_provider')}"
+                  f" · onnxruntime {prov.get('onnxruntime')}"
+                  + (f" · scaled ×{m.provenance['decode_factor']:.3g} (decode), ×{m.provenance['prefill_factor']:.3g}"
+                     f" (prefill) by the roofline" if m.label.startswith("estimated") else ""))
+    console.print("[green]within every budget[/green]" if feasible else "[red]over budget: infeasible[/red]")
+
+
+def _parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1h30m' or plain seconds -> seconds."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise NasError(f"--time {text!r}: give a duration like 90s, 30m, 2h or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+class _RichEvents(SearchEvents):
+    """The search's progress, drawn with rich: trials done, the current trial's stage and
+    training step, one line per finished trial."""
+
+    def __init__(self, progress, total: int | None) -> None:
+        self.p = progress
+        self.trials = progress.add_task("trials", total=total, info="")
+        self.current = progress.add_task("trial", total=None, info="")
+        self.finished = 0
+
+    def message(self, text: str) -> None:
+        self.p.console.print(f"[dim]{text}[/dim]")
+
+    def trial_started(self, number: int) -> None:
+        self.p.update(self.current, description=f"trial {number}", completed=0, total=None, info="sampling")
+
+    def stage(self, number: int, stage: str, detail: str) -> None:
+        self.p.update(self.current, info=f"{stage}: {detail}" if detail else stage)
+
+    def train_progress(self, number: int, step: int, total: int, loss: float) -> None:
+        self.p.update(self.current, completed=step, total=total, info=f"train: loss {loss:.3f}")
+
+    def trial_finished(self, number: int, state: str, summary: str) -> None:
+        colour = {"complete": "green", "infeasible": "yellow", "failed": "red", "invalid": "dim"}[state]
+        self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {summary}", highlight=False)
+        if state != "invalid":
+            self.finished += 1
+            self.p.update(self.trials, completed=self.finished)
+
+
+def search(
+    space: SpaceOpt = "gqa_small",
+    device: DeviceOpt = "jetson",
+    trials: Annotated[int | None, typer.Option(help="Stop after this many trials (sampling rejects not counted).",
+                                               min=1)] = None,
+    time_budget: Annotated[str | None, typer.Option("--time", help="Stop starting trials after this long: "
+                                                    "90s, 30m, 2h, 1h30m.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: SPACE-DEVICE). The same name resumes "
+                                              "the study.")] = None,
+    db: DbOpt = None,
+    data: Annotated[str | None, typer.Option(help="Corpus: a .txt/.md/.jsonl file or folder (default: the "
+                                             "Python standard library's source).")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="Use a deterministic subset of the corpus of about this "
+                                                  "many bytes.")] = None,
+    objectives: Annotated[str, typer.Option(help="Comma-separated, all minimized: val_bpb, decode_ms, "
+                                            "prefill_ms, peak_memory_mb, model_mb, params.")] = "val_bpb,decode_ms",
+    sampler: Annotated[str, typer.Option(help="tpe (default: multivariate TPE, good with categorical and "
+                                         "conditional dimensions), nsga2, gp, random.")] = "tpe",
+    seed: SeedOpt = 0,
+    tokens: Annotated[int | None, typer.Option(help="Training budget per trial in tokens (default: the "
+                                               "space's).")] = None,
+    artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
+    = Path("nas_artifacts"),
+    require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
+                                                   "measures.")] = False,
+    torch_device: Annotated[str, typer.Option(help="torch device for training: cpu, cuda.")] = "cpu",
+    executor: Annotated[str, typer.Option(help="local (trials one after another in this process) or ray (Ray "
+                                          "Tune trials on the workers of a Ray cluster; the same study, store "
+                                          "and front).")] = "local",
+    workers: Annotated[int, typer.Option(help="With --executor ray: trials running at once.", min=1)] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the head of an existing Ray "
+                                                    "cluster (HOST:6379, or auto); default: start Ray here. "
+                                                    "Use a PostgreSQL --db when workers are on several "
+                                                    "machines.")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="With --executor ray: CPUs each trial holds (a GPU "
+                                                  "fraction is added when training on cuda).", min=0.1)] = 1.0,
+) -> None:
+    """Search a space for the architectures that are best on a device: the Pareto front of quality
+    (validation BPB of the quantized model) against latency, under the profile's budgets.
+
+    Each trial: sample, analytic budget check, export + quantize + measure (or estimate), brief
+    training, BPB of the quantized model in ONNX Runtime. Infeasible architectures are rejected
+    before they are trained. Results go to --db; re-running with the same --study resumes.
+    Ctrl-C (or SIGTERM) stops at the next training step or stage, recording the running trial as failed;
+    it is tried again on resume. A second Ctrl-C stops at once.
+
+    With --executor ray --workers N [--ray-address HOST:6379], N trials run at once as Ray Tune
+    trials; a profile measured on a device (measurement.where: ray) is measured on the node that
+    joined the cluster with its resource (README: "Distributed search with Ray").
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nas.search.config import SearchConfig
+    from nas.search.study import Search
+
+    if executor not in ("local", "ray"):
+        raise NasError(f"unknown --executor {executor!r}; choose local or ray")
+    if executor == "local" and (workers != 1 or ray_address or cpus_per_trial != 1.0):
+        raise NasError("--workers, --ray-address and --cpus-per-trial need --executor ray (or run the same "
+                       "command in several processes)")
+    if trials is None and time_budget is None:
+        trials = 20
+    timeout = _parse_duration(time_budget) if time_budget else None
+    objective_names = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    sp_train = None
+    if tokens is not None:
+        from nas.spec.space import load_space
+
+        sp_train = load_space(space).training.model_copy(update={"tokens": tokens})
+    name = study or f"{Path(space).stem}-{Path(device).stem}"
+    cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
+                       sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
+                       artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def _request_stop(signum: int, frame: object) -> None:
+        # Ctrl-C or SIGTERM (kill, a scheduler): the first asks the search to stop at its next safe
+        # point (a training step, a stage boundary), the running trial recorded and queued again;
+        # a second stops at once. Raising from the handler itself could land in a finalizer or an
+        # import, where Python swallows it.
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
+        events = _RichEvents(progress, trials)
+        try:
+            if executor == "ray":
+                from nas.search.ray_executor import RayOptions, run_with_ray
+
+                events.message(f"study {name} on {cfg.db_url}, {workers} Ray worker(s)")
+                counts = run_with_ray(cfg, RayOptions(workers=workers, address=ray_address,
+                                                      cpus_per_trial=cpus_per_trial),
+                                      events, stop=stop, n_trials=trials, timeout_s=timeout)
+            else:
+                s = Search(cfg, events, stop=stop)
+                events.message(f"study {name} on {cfg.db_url}")
+                try:
+                    counts = s.run(n_trials=trials, timeout_s=timeout)
+                finally:
+                    s.close()
+        except KeyboardInterrupt:
+            progress.stop()
+            err_console.print(f"interrupted: finished trials are recorded; resume with the same command "
+                              f"(--study {name})")
+            raise typer.Exit(130) from None
+    console.print(f"done: {counts['complete']} complete, {counts['infeasible']} infeasible, {counts['failed']} "
+                  f"failed, {counts['invalid']} invalid draws")
+    print_pareto(cfg.db_url, name, as_json=False)

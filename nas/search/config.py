@@ -1,0 +1,55 @@
+"""What a search is asked to do: its settings, the objectives it can minimize, its samplers, and
+what it reports as it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nas.spec.settings import TrainConfig
+
+# name -> (direction, what it is). Every objective is minimized: lower is better for each.
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "val_bpb": ("minimize", "validation bits per byte of the quantized model, in ONNX Runtime"),
+    "decode_ms": ("minimize", "decode latency per token at the profile's context (median)"),
+    "prefill_ms": ("minimize", "prefill latency of the profile's prompt (median)"),
+    "peak_memory_mb": ("minimize", "peak resident memory of the inference process, MiB"),
+    "model_mb": ("minimize", "size of the deployed model files, MiB"),
+    "params": ("minimize", "unique parameters"),
+}
+DEFAULT_OBJECTIVES = ("val_bpb", "decode_ms")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+STAGES = ("sample", "budget", "measure", "train", "score")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    study: str
+    space: str
+    device: str
+    db_url: str
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    sampler: str = "tpe"
+    seed: int = 0
+    train: TrainConfig | None = None
+    """The study's brief training; None takes the space's default."""
+    data: str | None = None
+    max_bytes: int | None = None
+    artifacts: Path = Path("nas_artifacts")
+    require_measured: bool = False
+    torch_device: str = "cpu"
+    heartbeat_s: int = 10
+    grace_s: int = 60
+    max_retry: int = 1
+    """How often a trial whose worker died is tried again."""
+
+
+class SearchEvents:
+    """What the search reports as it goes; the methods do nothing here. The CLI subclasses it to
+    draw a progress display; a script passes this class itself to hear nothing."""
+
+    def message(self, text: str) -> None: ...
+    def trial_started(self, number: int) -> None: ...
+    def stage(self, number: int, stage: str, detail: str) -> None: ...
+    def train_progress(self, number: int, step: int, total: int, loss: float) -> None: ...
+    def trial_finished(self, number: int, state: str, summary: str) -> None: ...

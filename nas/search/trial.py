@@ -1,0 +1,368 @@
+"""One trial of a search, top to bottom, cheapest stage first.
+
+1. ``sample``   the sampler proposes parameters; the space turns them into an ArchSpec (a draw
+                that breaks a rule ends here as infeasible, at no cost);
+2. ``budget``   the analytic check against the profile's budgets (lower bounds on model size and
+                memory): over budget ends the trial as infeasible, before any export;
+3. ``measure``  export with fresh weights, quantize, measure or estimate on the profile (reused
+                from the store by arch, profile, bitwidth and workload); over a measured budget
+                ends the trial as infeasible, before any training; the export is kept for step 5;
+4. ``train``    brief training with the study's budget;
+5. ``score``    the trained model's export (step 3's graph with the trained weights written in,
+                ``nas.stages.export.reweight``; traced again when there is none), quantize, BPB of
+                the quantized model in ONNX Runtime;
+6. ``report``   objectives and constraints to Optuna, the trial to the store, the front refreshed.
+
+A failure at any stage marks the trial failed with the stage and the reason; the search goes on.
+Infeasible trials are told to Optuna as complete with their constraint values (> 0) so that the
+sampler learns where the budgets bind; their objective values are placeholders (BPB 8.0, the
+byte-uniform guess, and the worst figures seen) that the store never reports as results.
+
+:func:`run_trial` is the whole flow; the functions below it are its stages and its reports.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+
+from nas.search.config import SearchConfig, SearchEvents
+from nas.search.pipeline import Host, host_setup, measure_deployed
+from nas.spec.arch import ArchSpec
+from nas.spec.errors import NasError
+from nas.spec.profile import HardwareProfile, analytic_budget_check, min_model_bytes, min_peak_memory_bytes
+from nas.spec.results import Measurement
+from nas.spec.settings import TrainConfig
+from nas.spec.space import InvalidSample, SearchSpace
+from nas.store import Store
+
+if TYPE_CHECKING:
+    from nas.stages.data import Corpus, TokenizedCorpus
+    from nas.stages.model import Decoder
+    from nas.stages.train import BpbResult, TrainResult
+
+MIB = 2**20
+RayMeasure = Callable[[ArchSpec, Path, HardwareProfile], Measurement]
+
+
+class TrialFailed(NasError):
+    """Raised out of the objective after the failure was recorded, so Optuna marks it FAIL."""
+
+
+@dataclass
+class TrialRecord:
+    """What the study loop knows of the running trial: its number, the stage it reached, how it
+    ended (``complete``, ``infeasible``, ``invalid`` or ``failed``) and its seconds per stage."""
+
+    number: int | None = None
+    stage: str = "sample"
+    state: str = "failed"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Resources:
+    """What the trials of one worker compute once and share: the host's calibration, the corpus
+    tokenized per vocabulary and its n-gram baselines, the worst objective values seen (for the
+    placeholders of infeasible trials), and the notes already shown. Keyed by vocabulary size
+    because the corpus is fixed for a study (its fingerprint is checked when a study resumes)."""
+
+    def __init__(self, corpus: Corpus, events: SearchEvents) -> None:
+        self.corpus = corpus
+        self.events = events
+        self.host: Host | None = None
+        self.worst: dict[str, float] = {}
+        self._tokenized: dict[int, TokenizedCorpus] = {}
+        self._baselines: dict[int, dict[str, float]] = {}
+        self._noted: set[str] = set()
+
+    def calibrated_host(self) -> Host:
+        if self.host is None:
+            self.events.message("calibrating this host (cached after the first run)")
+            self.host = host_setup()
+        return self.host
+
+    def tokenized(self, vocab: int) -> TokenizedCorpus:
+        from nas.stages.data import tokenize_corpus
+
+        if vocab not in self._tokenized:
+            self.events.message(f"tokenizer for vocab {vocab} (trained once per corpus and vocab, then cached)")
+            self._tokenized[vocab] = tokenize_corpus(self.corpus, vocab)
+        return self._tokenized[vocab]
+
+    def baselines(self, vocab: int) -> dict[str, float]:
+        from nas.stages.data import ngram_baseline_bpb
+
+        if vocab not in self._baselines:
+            tc = self.tokenized(vocab)
+            self._baselines[vocab] = {"unigram_bpb": ngram_baseline_bpb(tc, 1), "bigram_bpb": ngram_baseline_bpb(tc, 2)}
+        return self._baselines[vocab]
+
+    def note_worst(self, objectives: dict[str, float]) -> None:
+        for k, v in objectives.items():
+            if math.isfinite(v):
+                self.worst[k] = max(v, self.worst.get(k, v))
+
+    def note_once(self, text: str) -> None:
+        if text not in self._noted:
+            self._noted.add(text)
+            self.events.message(text)
+
+
+@dataclass
+class TrialEnv:
+    """Everything a trial reads besides its Optuna trial: the study's settings and the worker's
+    shared parts. ``optuna_trial_id`` maps a trial number to Optuna's id for the store's link."""
+
+    cfg: SearchConfig
+    space: SearchSpace
+    profile: HardwareProfile
+    train: TrainConfig
+    store: Store
+    events: SearchEvents
+    stop: threading.Event
+    resources: Resources
+    worker: str
+    optuna_trial_id: Callable[[int], int]
+    ray_measure: RayMeasure | None = None
+    """Set by the Ray executor where a node advertises the profile's resource: the measure stage
+    then runs on that node, labelled with it."""
+
+
+class _StageClock:
+    """Moves a trial from stage to stage: times each, reports it, and stops the run at a stage
+    boundary when a stop was asked for (but not once trained: finishing costs seconds)."""
+
+    def __init__(self, env: TrialEnv, record: TrialRecord) -> None:
+        self.env, self.record = env, record
+        self.started = time.perf_counter()
+
+    def enter(self, stage: str, detail: str = "") -> None:
+        now = time.perf_counter()
+        r = self.record
+        r.seconds[r.stage] = r.seconds.get(r.stage, 0.0) + now - self.started
+        self.started, r.stage = now, stage
+        if stage not in ("score", "report") and self.env.stop.is_set():
+            raise KeyboardInterrupt
+        assert r.number is not None
+        self.env.events.stage(r.number, stage, detail)
+
+
+def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[float]:
+    """The objective Optuna calls: one trial through every stage. Returns the objective values
+    in the study's order; raises TrialPruned for an invalid draw, TrialFailed after recording a
+    failure, and KeyboardInterrupt when a stop was asked for."""
+    n = record.number = trial.number
+    cfg = env.cfg
+    env.store.start_trial(study=cfg.study, number=n, optuna_trial_id=env.optuna_trial_id(n), worker=env.worker)
+    env.events.trial_started(n)
+    clock = _StageClock(env, record)
+    # The measure stage's export lives here until the trial ends: its graph takes the trained
+    # weights in the score stage instead of a second trace.
+    with tempfile.TemporaryDirectory(prefix="nas-measure-") as scratch:
+        try:
+            clock.enter("sample")
+            spec = _sample(trial, env, record)
+
+            clock.enter("budget", spec.summary())
+            reasons = analytic_budget_check(spec, env.profile)
+            if reasons:
+                return _infeasible(trial, env, record, spec, "budget", "; ".join(reasons),
+                                   _analytic_constraints(spec, env.profile))
+
+            clock.enter("measure", "export, quantize, measure")
+            m, measurement_id, template = _measure(spec, env, Path(scratch))
+            constraints = env.profile.budgets.constraints(m.figures())
+            trial.set_user_attr("label", m.label)
+            over = [k for k, v in constraints.items() if v > 0]
+            if over:
+                why = ", ".join(f"{k} over by {constraints[k]:.3g}" for k in over)
+                return _infeasible(trial, env, record, spec, "measure", f"{why} ({m.label})", constraints, m,
+                                   measurement_id)
+
+            clock.enter("train", f"{env.train.tokens:,} tokens")
+            tc = env.resources.tokenized(spec.vocab_size)
+            model, result = _train(spec, tc, env, n)
+
+            clock.enter("score", "export, quantize, BPB in ONNX Runtime")
+            trial_dir = _trial_dir(cfg, n)
+            bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
+
+            clock.enter("report")
+            return _complete(trial, env, record, spec, m, measurement_id, constraints,
+                             result=result, bpb=bpb, made_by=made_by, trial_dir=trial_dir)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            reason = str(e) if isinstance(e, NasError) else _bug_reason(e)
+            env.store.fail_trial(study=cfg.study, number=n, stage=record.stage, reason=reason)
+            trial.set_user_attr("failure", f"{record.stage}: {reason}")
+            record.state = "failed"
+            env.events.trial_finished(n, "failed", f"{record.stage}: {reason}")
+            raise TrialFailed(reason) from e
+
+
+# --- the stages -------------------------------------------------------------------------------------
+def _sample(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> ArchSpec:
+    try:
+        spec = env.space.suggest(trial)
+    except InvalidSample as e:
+        env.store.mark_infeasible(study=env.cfg.study, number=trial.number, stage="sample", reason=str(e))
+        record.state = "invalid"
+        env.events.trial_finished(trial.number, "invalid", str(e))
+        raise optuna.TrialPruned(str(e)) from None
+    env.store.upsert_architecture(spec=spec)
+    env.store.update_trial(study=env.cfg.study, number=trial.number, arch_id=spec.arch_id)
+    trial.set_user_attr("arch_id", spec.arch_id)
+    trial.set_user_attr("summary", spec.summary())
+    trial.set_user_attr("params", spec.params())
+    return spec
+
+
+def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement, int, Path | None]:
+    """The labelled figures of the deployed model, their row's id, and the folder of the fresh
+    export (None when the figures were reused from the store and nothing was exported)."""
+    from nas.stages.export import export_spec, fresh_distinct_model
+    from nas.stages.measure import MeasurementError
+
+    cfg, profile, w = env.cfg, env.profile, env.profile.workload
+    workload = {"prompt_tokens": w.prefill_tokens(spec), "context_tokens": w.decode_past_tokens(spec),
+                "batch": w.batch}
+    # With the device in the cluster, an estimate cached from a run without it is not reused.
+    labels = ["measured:*"] if cfg.require_measured or env.ray_measure is not None else None
+    row = env.store.find_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
+                                     labels=labels, workload=workload)
+    if row is not None:
+        return row.to_measurement(), row.id, None
+    host = env.resources.calibrated_host()
+    exported = export_spec(spec, scratch, model=fresh_distinct_model(spec))
+    try:
+        m = measure_deployed(spec, exported.path.parent, profile, host=host, require_measured=cfg.require_measured,
+                             ray_measure=env.ray_measure, notify=env.resources.note_once)
+    except MeasurementError as e:
+        # A failure on a device node is not one of this host's figures: label it with the resource.
+        where = "local" if env.ray_measure is None else profile.measurement.ray_resource
+        env.store.add_failed_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
+                                         label=f"measured:{where}", error=str(e), workload=workload)
+        raise
+    return m, env.store.add_measurement(m).id, scratch
+
+
+def _train(spec: ArchSpec, tc: TokenizedCorpus, env: TrialEnv, n: int) -> tuple[Decoder, TrainResult]:
+    from nas.stages.train import train_brief
+
+    def progress(point: object, total: int) -> None:
+        env.events.train_progress(n, point.step, total, point.loss)  # type: ignore[attr-defined]
+
+    return train_brief(spec, tc, env.train, device=env.cfg.torch_device, progress=progress,
+                       should_stop=env.stop.is_set)
+
+
+def _trial_dir(cfg: SearchConfig, n: int) -> Path:
+    d = Path(cfg.artifacts).resolve() / cfg.study / f"trial-{n:05d}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _score(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
+           env: TrialEnv) -> tuple[BpbResult, str]:
+    import torch
+
+    from nas.stages.export import export_spec, load_exported
+    from nas.stages.score import score_bpb_onnx
+
+    model = model.to("cpu")
+    # The trained weights travel with the spec, so `nas export` and `nas train` can rebuild it.
+    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "train_config": env.train.model_dump()},
+               trial_dir / "model.pt")
+    like = load_exported(template) if template is not None else None  # measured in this trial
+    exported = export_spec(spec, trial_dir / "onnx", model=model, like=like)
+    threads = env.resources.host.profile.runtime.threads if env.resources.host else 2
+    return score_bpb_onnx(exported, tc, env.train.eval_tokens, threads=threads), exported.made_by
+
+
+# --- the reports ------------------------------------------------------------------------------------
+def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: ArchSpec, m: Measurement,
+              measurement_id: int, constraints: dict[str, float], *, result: TrainResult, bpb: BpbResult,
+              made_by: str, trial_dir: Path) -> list[float]:
+    cfg, n = env.cfg, trial.number
+    objectives = objective_values(spec, m, bpb.bpb)
+    env.resources.note_worst(objectives)
+    for key, value in constraints.items():
+        trial.set_constraint(key, value)
+    trial.set_user_attr("val_bpb", bpb.bpb)
+    env.store.finish_trial(
+        study=cfg.study, number=n, objectives=objectives, val_bpb=bpb.bpb, constraints=constraints,
+        train={"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+               "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+               "stopped_by": result.stopped_by, "val_tokens": bpb.tokens, "val_bytes": bpb.bytes,
+               # the scored file: the measured graph with the trained weights ("reweighted")
+               # or a new trace ("traced": measurement reused from the store, or refused)
+               "score_graph": made_by,
+               # where the trial's time went, per stage (measure includes export and
+               # quantization; score includes the trained model's export)
+               "stage_seconds": {k: round(v, 3) for k, v in record.seconds.items()}},
+        curve=[[p.step, p.tokens, p.loss, p.lr, round(p.seconds, 3)] for p in result.curve],
+        baselines=env.resources.baselines(spec.vocab_size), measurement_id=measurement_id,
+        artifact_dir=str(trial_dir),
+    )  # fmt: skip
+    env.store.refresh_pareto(study=cfg.study)
+    record.state = "complete"
+    env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}, decode {m.decode_ms:.3f} ms ({m.label})")
+    return [objectives[o] for o in cfg.objectives]
+
+
+def _infeasible(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: ArchSpec, stage: str, reason: str,
+                constraints: dict[str, float], m: Measurement | None = None,
+                measurement_id: int | None = None) -> list[float]:
+    """Record the trial as infeasible and tell Optuna its constraint values (> 0) with
+    placeholder objectives, so the sampler learns where the budgets bind."""
+    env.store.mark_infeasible(study=env.cfg.study, number=trial.number, stage=stage, reason=reason,
+                              constraints=constraints, arch_id=spec.arch_id, measurement_id=measurement_id)
+    # Optuna sees every budget on every trial; one the check could not judge counts as met
+    # here (the trial is infeasible by another already). The store keeps only judged ones.
+    for key in env.profile.budgets.limits():
+        trial.set_constraint(key, constraints.get(key, 0.0))
+    trial.set_user_attr("infeasible", f"{stage}: {reason}")
+    trial.set_user_attr("placeholder_objectives", True)
+    record.state = "infeasible"
+    env.events.trial_finished(trial.number, "infeasible", f"{stage}: {reason}")
+    known, worst = objective_values(spec, m, None), env.resources.worst
+    values = []
+    for o in env.cfg.objectives:
+        v = known.get(o)
+        if v is None or not math.isfinite(v):
+            v = 8.0 if o == "val_bpb" else worst.get(o, 1e6)
+        values.append(max(v, worst.get(o, v)))
+    return values
+
+
+def objective_values(spec: ArchSpec, m: Measurement | None, bpb: float | None) -> dict[str, float]:
+    """Every objective a trial has a figure for, by name (``OBJECTIVES``)."""
+    out: dict[str, float] = {"params": float(spec.params())}
+    if bpb is not None:
+        out["val_bpb"] = bpb
+    if m is not None:
+        out.update(m.figures())
+    return out
+
+
+def _analytic_constraints(spec: ArchSpec, profile: HardwareProfile) -> dict[str, float]:
+    """Lower-bound constraint values for the budgets the analytic check can judge; the budgets
+    it cannot (latency) are left out rather than guessed."""
+    return profile.budgets.constraints({"model_mb": min_model_bytes(spec) / MIB,
+                                        "peak_memory_mb": min_peak_memory_bytes(spec, profile.workload) / MIB})
+
+
+def _bug_reason(e: Exception) -> str:
+    frames = traceback.extract_tb(e.__traceback__)[-2:]
+    where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
+    return f"internal error {type(e).__name__}: {e} ({where})"
