@@ -120,6 +120,22 @@ def test_thinning_keeps_the_front_and_the_unfinished_trials(db):
     assert "thinned" in plots.pareto_figure(thin).layout.title.text
 
 
+def test_the_spec_cache_reads_each_architecture_once_and_stays_bounded(db, monkeypatch):
+    with Store(db) as store:
+        reads: list[str] = []
+        get = store.get_architecture
+        monkeypatch.setattr(store, "get_architecture", lambda *, arch_id: reads.append(arch_id) or get(arch_id=arch_id))
+        cache = plots.SpecCache()
+        first = plots.load_study(store, "synthetic", cache=cache)
+        archs = {p.arch_id for p in first.points if p.arch_id}
+        assert sorted(reads) == sorted(archs) and len(cache) == len(archs)
+        again = plots.load_study(store, "synthetic", cache=cache)
+        assert len(reads) == len(archs) and [p.spec for p in again.points] == [p.spec for p in first.points]
+        small = plots.SpecCache(size=2)
+        bounded = plots.load_study(store, "synthetic", cache=small)
+    assert len(small) == 2 and [p.spec for p in bounded.points] == [p.spec for p in first.points]
+
+
 def test_page_is_self_contained(tmp_path, data):
     from plotly.offline import get_plotlyjs
 

@@ -20,8 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nas.faces.web.app import create_app
-from nas.spec.errors import NasError
-from nas.store import Store
+from nas.faces.web.errors import BadRequest, NotFound
+from nas.spec.errors import NasError, SpecError
+from nas.store import Store, StoreError
 from tests.browse_helpers import (
     CHROMIUM_ARGS,
     free_port,
@@ -124,6 +125,37 @@ def test_bad_requests_get_a_clear_page_never_a_traceback(client, url, status, sa
         assert r.json()["status"] == status
     else:
         assert r.headers["content-type"].startswith("text/html") and 'id="error-message"' in r.text
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "says"),
+    [
+        (StoreError("sqlite:///nas.db: database is locked by another process"), 503, "the database cannot be read"),
+        (SpecError("n_heads: 3 does not divide d_model 64"), 500, "n_heads: 3 does not divide d_model 64"),
+    ],
+)
+def test_only_a_database_that_cannot_be_read_is_a_503(db, monkeypatch, error, status, says):
+    # a NasError that is not the database's (here a stored spec this code rejects) keeps its own
+    # message and is not blamed on the database
+    app = create_app(db)
+
+    def fail(*_: Any, **__: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(app.state.store, "list_studies", fail)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for url in ("/", "/api/studies"):
+            r = c.get(url)
+            assert r.status_code == status and says in r.text, (url, r.status_code, r.text[-300:])
+            assert ("cannot be read" in r.text) == (status == 503) and "Traceback" not in r.text
+    assert issubclass(BadRequest, NasError) and issubclass(NotFound, NasError)
+
+
+def test_points_can_be_coloured_by_a_spec_field(client):
+    assert client.get("/study/synthetic", params={"color": "attention"}).status_code == 200
+    figs = client.get("/api/study/synthetic/figures", params={"color": "n_layers"})
+    assert figs.status_code == 200
+    assert figs.json()["pareto"]["layout"]["coloraxis"]["colorbar"]["title"]["text"] == "n_layers"
 
 
 def test_compare_page_draws_studies_on_the_same_axes(client):

@@ -94,9 +94,10 @@ def plot(
         raise NasError(f"--out {out}: the folder {out.parent} does not exist")
     if max_points < 1:
         raise NasError("--max-points must be at least 1")
+    specs = plots.SpecCache()  # compared studies may share architectures: each is read once
     with Store(db_url(db), upgrade=False) as store:
-        data = plots.load_study(store, study, max_points=max_points)
-        others = [plots.load_study(store, name, max_points=max_points) for name in compare or []]
+        data = plots.load_study(store, study, max_points=max_points, cache=specs)
+        others = [plots.load_study(store, name, max_points=max_points, cache=specs) for name in compare or []]
     if color is not None and color not in plots.FIGURES and not any(p.spec and color in p.spec for p in data.points):
         raise NasError(f"--color {color!r}: not a figure ({', '.join(plots.FIGURES)}) nor a field of the specs")
     plots.write_page(out, data, compare=others, color=color)
