@@ -22,7 +22,8 @@ import pytest
 from nas.spec.arch import ArchSpec
 from nas.spec.settings import TrainConfig
 from nas.stages.hf import litgpt_incompatibilities, llama_incompatibilities
-from nas.winner.folder import render_readme, suggest_recipe
+from nas.winner.readme import render_readme
+from nas.winner.recipe import suggest_recipe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "winner_readme"
 
@@ -114,3 +115,14 @@ def test_readme_text_is_unchanged_for_a_fixed_manifest(case: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert text == path.read_text()
+
+
+def test_every_budget_of_a_profile_gets_a_label_with_its_unit() -> None:
+    # The README derives a budget's row label from its name, so a budget added to the profile needs no
+    # second list here; one in a unit the README does not know yet shows up as a bare name instead.
+    from nas.spec.profile import Budgets
+    from nas.winner.readme import budget_label
+
+    labels = {name: budget_label(name) for name in Budgets.model_fields}
+    assert labels["decode_ms_per_token"] == "decode (ms/token)" and labels["model_mb"] == "model size (MiB)"
+    assert all(label.endswith(")") for label in labels.values()), labels
