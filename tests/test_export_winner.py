@@ -36,7 +36,9 @@ from nas.stages.hf import (
 )
 from nas.stages.model import build_model
 from nas.store import Store
-from nas.winner.folder import WinnerError, knee_index, pick_trial, suggest_recipe
+from nas.winner.errors import WinnerError
+from nas.winner.pick import knee_index, pick_trial
+from nas.winner.recipe import suggest_recipe
 from tests.measurements import measurement
 from tests.search_helpers import STUDY, nas, tiny_search
 

@@ -56,7 +56,8 @@ from nas.spec.settings import TrainConfig
 from nas.stages.data import TokenizedCorpus, WindowSampler, tokenize_with_file
 from nas.stages.model import Decoder, build_model
 from nas.stages.train import CurvePoint, evaluate_bpb, lr_at, make_optimizer, train_step
-from nas.winner.folder import MAX_SUBSET_EPOCHS, WinnerExport, load_winner, suggest_recipe
+from nas.winner.folder import WinnerExport, load_winner
+from nas.winner.recipe import MAX_SUBSET_EPOCHS, suggest_recipe
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
@@ -274,25 +275,46 @@ def train_full(
     that many steps in all (a checkpoint is written). ``final_export`` False skips the final
     ONNX/Hugging Face export (tests compare runs without paying for it twice).
     """
-    from nas.stages.data import load_corpus
-
     ev = events or SilentEvents()
-    overrides = overrides or Overrides()
     folder = Path(folder)
     export = load_winner(folder)
-    spec = export.spec
     device, use_bf16, use_compile = _device_settings(device, bf16, compile)
     if max_steps is not None and max_steps < 1:
         raise FullTrainError(f"--max-steps must be >= 1, got {max_steps}")
+    previous = _previous_run(folder, restart)
+    run, tc = _start_run(export, overrides or Overrides(), previous, ev)
 
+    session = _Session(export, run, tc, device, ev)
+    done = session.trained_before()
+    if done is not None:
+        return done
+    stopped_by = session.train(max_steps, should_stop, use_bf16=use_bf16, use_compile=use_compile)
+    result = session.close(stopped_by)
+    if result.step < run.total_steps or not final_export:
+        return result
+    onnx_dir, hf_dir, onnx_bpb = _finish(export, session.model.to("cpu"), run, tc, session.curve, session.evals,
+                                         result.seconds, ev)
+    return dataclasses.replace(result, onnx_bpb=onnx_bpb, onnx_dir=onnx_dir, hf_dir=hf_dir)
+
+
+def _previous_run(folder: Path, restart: bool) -> RunConfig | None:
+    """The run the checkpoints belong to, if any; ``restart`` forgets it and its checkpoints."""
     ckpt_dir = folder / CHECKPOINTS
     if restart and ckpt_dir.exists():
         for path in [*checkpoints(folder), ckpt_dir / RUN_FILE]:
             path.unlink(missing_ok=True)
-    previous = None
     if (ckpt_dir / RUN_FILE).is_file():
-        previous = RunConfig(**json.loads((ckpt_dir / RUN_FILE).read_text()))
+        return RunConfig(**json.loads((ckpt_dir / RUN_FILE).read_text()))
+    return None
 
+
+def _start_run(export: WinnerExport, overrides: Overrides, previous: RunConfig | None, ev: Events,
+               ) -> tuple[RunConfig, TokenizedCorpus]:
+    """The run to do and its tokenized corpus; a new run is saved beside the checkpoints (and its
+    plan said) before its first step, so that an interrupted one resumes as this run."""
+    from nas.stages.data import load_corpus
+
+    folder, spec = export.folder, export.spec
     data, max_bytes, why = corpus_source(export, overrides, previous)
     ev.message(f"corpus {data}, max_bytes {max_bytes} ({why}): reading, and tokenizing with the exported tokenizer")
     try:
@@ -300,13 +322,13 @@ def train_full(
     except NasError as e:
         raise FullTrainError(f"cannot read the training corpus: {e}") from None
     run = resolve_run(export, overrides, corpus.fingerprint, previous)
-    report_path = folder / TRAINED / REPORT
     if previous is None and corpus.fingerprint != export.manifest["corpus"]["fingerprint"]:
         ev.message(f"note: corpus {corpus.fingerprint} is not the study's ({export.manifest['corpus']['fingerprint']}):"
                    " validation BPB does not compare with the search's")
     tc = tokenize_with_file(corpus, export.tokenizer_path, spec.vocab_size, folder / "data")
     train_tokens = len(tc.train_ids)
     if previous is None:
+        ckpt_dir = folder / CHECKPOINTS
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / RUN_FILE).write_text(run.model_dump_json(indent=2) + "\n")
         epochs = run.tokens / max(1, train_tokens)
@@ -316,122 +338,149 @@ def train_full(
         ev.message(f"plan: {run.tokens:,} tokens ({run.tokens / spec.params():.0f} per parameter) = {run.total_steps:,}"
                    f" steps of {run.batch_size} x {spec.context_length}, lr {run.lr:.3g}, warm-up {run.warmup_steps}"
                    f" steps, from {run.init}; {epochs:.1f} epochs of {train_tokens:,} training tokens")
+    return run, tc
 
-    cfg = run.train_config()
-    model = build_model(spec, seed=run.seed)
-    if run.init == "exported":
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["state_dict"])
-    model.to(device).train()
-    opt = make_optimizer(model, cfg)
-    sampler = WindowSampler(tc.train_ids, run.batch_size, spec.context_length, seed=run.seed)
 
-    step, elapsed_before, resumed_from = 0, 0.0, None
-    curve: list[CurvePoint] = []
-    evals: list[tuple[int, float]] = []
-    window: list[float] = []
-    found = checkpoints(folder)
-    if found:
+class _Session:
+    """One sitting of a run: the model, the optimizer and the data position, fresh or as the last
+    checkpoint left them, and the progress a checkpoint keeps beside them (step, training time,
+    curve, evaluations, the losses since the last curve point). Held together because a checkpoint
+    must save all of it at once for a resumed run to take the same steps on the same batches."""
+
+    def __init__(self, export: WinnerExport, run: RunConfig, tc: TokenizedCorpus, device: str, ev: Events) -> None:
+        spec = export.spec
+        self.folder, self.run, self.tc, self.device, self.ev = export.folder, run, tc, device, ev
+        self.cfg = run.train_config()
+        self.model = build_model(spec, seed=run.seed)
+        if run.init == "exported":
+            state = torch.load(self.folder / "model.pt", map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["state_dict"])
+        self.model.to(device).train()
+        self.opt = make_optimizer(self.model, self.cfg)
+        self.sampler = WindowSampler(tc.train_ids, run.batch_size, spec.context_length, seed=run.seed)
+        self.tokens_per_step = run.batch_size * spec.context_length
+
+        self.step, self.seconds_before, self.resumed_from = 0, 0.0, None
+        self.curve: list[CurvePoint] = []
+        self.evals: list[tuple[int, float]] = []
+        self.window: list[float] = []
+        self.found = checkpoints(self.folder)
+        if self.found:
+            self._resume(self.found[-1])
+        self.last_ckpt: Path | None = self.found[-1] if self.found else None
+        self.last_loss = self.curve[-1].loss if self.curve else math.nan
+        self.session_start = self.step
+        self.start = time.perf_counter()
+
+    def _resume(self, path: Path) -> None:
         # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
-        state = torch.load(found[-1], map_location="cpu", weights_only=True)  # plain values and tensors only
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain values and tensors only
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise FullTrainError(f"{found[-1]}: not a checkpoint of this version ({state.get('format')!r})")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.restore(state["sampler"])
+            raise FullTrainError(f"{path}: not a checkpoint of this version ({state.get('format')!r})")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sampler.restore(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and device.startswith("cuda"):
+        if state.get("cuda_rng") is not None and self.device.startswith("cuda"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        step = resumed_from = int(state["step"])
-        elapsed_before = float(state["seconds"])
-        curve = [CurvePoint(*p) for p in state["curve"]]
-        evals = [tuple(e) for e in state["evals"]]  # type: ignore[misc]
-        window = list(state["window"])
-        ev.message(f"resuming from {found[-1].name}: step {step:,} of {run.total_steps:,}")
+        self.step = self.resumed_from = int(state["step"])
+        self.seconds_before = float(state["seconds"])
+        self.curve = [CurvePoint(*p) for p in state["curve"]]
+        self.evals = [tuple(e) for e in state["evals"]]  # type: ignore[misc]
+        self.window = list(state["window"])
+        self.ev.message(f"resuming from {path.name}: step {self.step:,} of {self.run.total_steps:,}")
 
-    tokens_per_step = run.batch_size * spec.context_length
-    start = time.perf_counter()
-
-    def save_checkpoint() -> Path:
-        path = ckpt_dir / f"step-{step:08d}.pt"
-        atomic_write(path, lambda f: torch.save({
-            "format": CHECKPOINT_FORMAT, "step": step, "total_steps": run.total_steps, "tokens": step * tokens_per_step,
-            "run": run.model_dump(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.startswith("cuda") else None,
-            "seconds": elapsed_before + (time.perf_counter() - start),
-            "curve": [list(dataclasses.astuple(p)) for p in curve],
-            "evals": [list(e) for e in evals], "window": window,
-        }, f), fsync=True)
-        for old in checkpoints(folder)[:-run.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        ev.checkpointed(step, path)
-        return path
-
-    if step >= run.total_steps and report_path.is_file():
+    def trained_before(self) -> FullTrainResult | None:
+        """The result of this very run when an earlier session finished it (its report says so)."""
+        run, step = self.run, self.step
+        report_path = self.folder / TRAINED / REPORT
+        if step < run.total_steps or not report_path.is_file():
+            return None
         report = json.loads(report_path.read_text())
-        if report.get("run") == run.model_dump():
-            ev.message(f"already trained fully ({step:,} steps): see {report_path}")
-            return FullTrainResult(
-                folder=folder, run=run, step=step, total_steps=run.total_steps, tokens=step * tokens_per_step,
-                seconds=elapsed_before, resumed_from=resumed_from, stopped_by="done",
-                last_loss=curve[-1].loss if curve else math.nan, val_bpb=report.get("val_bpb_torch"),
-                onnx_bpb=report.get("val_bpb_onnx"), onnx_dir=folder / TRAINED / "onnx",
-                hf_dir=folder / report["hf"] if report.get("hf") else None, checkpoint=found[-1],
-                curve=tuple(curve), evals=tuple(evals))
+        if report.get("run") != run.model_dump():
+            return None
+        self.ev.message(f"already trained fully ({step:,} steps): see {report_path}")
+        return FullTrainResult(
+            folder=self.folder, run=run, step=step, total_steps=run.total_steps, tokens=step * self.tokens_per_step,
+            seconds=self.seconds_before, resumed_from=self.resumed_from, stopped_by="done", last_loss=self.last_loss,
+            val_bpb=report.get("val_bpb_torch"), onnx_bpb=report.get("val_bpb_onnx"),
+            onnx_dir=self.folder / TRAINED / "onnx", hf_dir=self.folder / report["hf"] if report.get("hf") else None,
+            checkpoint=self.found[-1], curve=tuple(self.curve), evals=tuple(self.evals))
 
-    stepper: torch.nn.Module = torch.compile(model) if use_compile else model  # type: ignore[assignment]
-    session_start_step = step
-    ev.started(step, run.total_steps, resumed_from is not None)
-    stopped_by: Literal["done", "max_steps", "interrupted"] = "done"
-    last_loss = curve[-1].loss if curve else math.nan
-    last_ckpt: Path | None = found[-1] if found else None
-    while step < run.total_steps:
-        if max_steps is not None and step >= max_steps:
-            stopped_by = "max_steps"
-            break
-        if should_stop is not None and should_stop():
-            stopped_by = "interrupted"
-            break
-        lr = lr_at(step, run.total_steps, run.warmup_steps, cfg)
-        x_np, y_np = sampler.next()
-        x = torch.from_numpy(x_np).to(device, non_blocking=True)
-        y = torch.from_numpy(y_np).to(device, non_blocking=True)
-        last_loss = train_step(stepper, opt, x, y, lr=lr, grad_clip=run.grad_clip, use_bf16=use_bf16,
-                               step=step, total_steps=run.total_steps)
-        step += 1
-        window.append(last_loss)
-        seconds = elapsed_before + time.perf_counter() - start
-        session_tps = (step - session_start_step) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
-        ev.stepped(step, run.total_steps, last_loss, lr, session_tps)
+    def train(self, max_steps: int | None, should_stop: Callable[[], bool] | None, *, use_bf16: bool,
+              use_compile: bool) -> Literal["done", "max_steps", "interrupted"]:
+        """Step until the run is done, ``max_steps`` steps are done in all, or ``should_stop`` says so."""
+        stepper: torch.nn.Module = torch.compile(self.model) if use_compile else self.model  # type: ignore[assignment]
+        self.ev.started(self.step, self.run.total_steps, self.resumed_from is not None)
+        while self.step < self.run.total_steps:
+            if max_steps is not None and self.step >= max_steps:
+                return "max_steps"
+            if should_stop is not None and should_stop():
+                return "interrupted"
+            self._train_step(stepper, use_bf16)
+        return "done"
+
+    def _train_step(self, stepper: torch.nn.Module, use_bf16: bool) -> None:
+        run = self.run
+        lr = lr_at(self.step, run.total_steps, run.warmup_steps, self.cfg)
+        x_np, y_np = self.sampler.next()
+        x = torch.from_numpy(x_np).to(self.device, non_blocking=True)
+        y = torch.from_numpy(y_np).to(self.device, non_blocking=True)
+        self.last_loss = train_step(stepper, self.opt, x, y, lr=lr, grad_clip=run.grad_clip, use_bf16=use_bf16,
+                                    step=self.step, total_steps=run.total_steps)
+        self.step += 1
+        step = self.step
+        self.window.append(self.last_loss)
+        seconds = self.seconds_before + time.perf_counter() - self.start
+        session_tps = (step - self.session_start) * self.tokens_per_step / max(time.perf_counter() - self.start, 1e-9)
+        self.ev.stepped(step, run.total_steps, self.last_loss, lr, session_tps)
         if step % run.log_every == 0 or step == run.total_steps:
-            point = CurvePoint(step, step * tokens_per_step, float(np.mean(window)), lr, seconds)
-            curve.append(point)
-            window = []
-            ev.logged(point)
+            point = CurvePoint(step, step * self.tokens_per_step, float(np.mean(self.window)), lr, seconds)
+            self.curve.append(point)
+            self.window = []
+            self.ev.logged(point)
         if step % run.eval_every == 0 and step != run.total_steps:
-            bpb = evaluate_bpb(model, tc, run.eval_tokens, device=device).bpb
-            evals.append((step, bpb))
-            ev.evaluated(step, bpb)
+            self._evaluate()
         if step % run.checkpoint_every == 0 and step != run.total_steps:
-            last_ckpt = save_checkpoint()
+            self._save_checkpoint()
 
-    finished_eval = step >= run.total_steps and (not evals or evals[-1][0] != step)
-    if finished_eval:  # the final validation BPB, kept in the last checkpoint so a re-run has it
-        bpb = evaluate_bpb(model, tc, run.eval_tokens, device=device).bpb
-        evals.append((step, bpb))
-        ev.evaluated(step, bpb)
-    if step > session_start_step or not found or finished_eval:
-        last_ckpt = save_checkpoint()
-    seconds = elapsed_before + time.perf_counter() - start
-    result = FullTrainResult(
-        folder=folder, run=run, step=step, total_steps=run.total_steps, tokens=step * tokens_per_step,
-        seconds=seconds, resumed_from=resumed_from, stopped_by=stopped_by, last_loss=last_loss,
-        val_bpb=evals[-1][1] if evals else None, checkpoint=last_ckpt, curve=tuple(curve), evals=tuple(evals))
-    if step < run.total_steps or not final_export:
-        return result
-    onnx_dir, hf_dir, onnx_bpb = _finish(export, model.to("cpu"), run, tc, curve, evals, seconds, ev)
-    return dataclasses.replace(result, onnx_bpb=onnx_bpb, onnx_dir=onnx_dir, hf_dir=hf_dir)
+    def _evaluate(self) -> None:
+        bpb = evaluate_bpb(self.model, self.tc, self.run.eval_tokens, device=self.device).bpb
+        self.evals.append((self.step, bpb))
+        self.ev.evaluated(self.step, bpb)
+
+    def _save_checkpoint(self) -> None:
+        run, step = self.run, self.step
+        path = self.folder / CHECKPOINTS / f"step-{step:08d}.pt"
+        atomic_write(path, lambda f: torch.save({
+            "format": CHECKPOINT_FORMAT, "step": step, "total_steps": run.total_steps,
+            "tokens": step * self.tokens_per_step, "run": run.model_dump(), "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "sampler": self.sampler.state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.startswith("cuda") else None,
+            "seconds": self.seconds_before + (time.perf_counter() - self.start),
+            "curve": [list(dataclasses.astuple(p)) for p in self.curve],
+            "evals": [list(e) for e in self.evals], "window": self.window,
+        }, f), fsync=True)
+        for old in checkpoints(self.folder)[:-run.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        self.ev.checkpointed(step, path)
+        self.last_ckpt = path
+
+    def close(self, stopped_by: Literal["done", "max_steps", "interrupted"]) -> FullTrainResult:
+        """The session's result, after the final evaluation (once the run is done) and a checkpoint
+        of whatever this session changed."""
+        run, step = self.run, self.step
+        finished_eval = step >= run.total_steps and (not self.evals or self.evals[-1][0] != step)
+        if finished_eval:  # the final validation BPB, kept in the last checkpoint so a re-run has it
+            self._evaluate()
+        if step > self.session_start or not self.found or finished_eval:
+            self._save_checkpoint()
+        seconds = self.seconds_before + time.perf_counter() - self.start
+        return FullTrainResult(
+            folder=self.folder, run=run, step=step, total_steps=run.total_steps, tokens=step * self.tokens_per_step,
+            seconds=seconds, resumed_from=self.resumed_from, stopped_by=stopped_by, last_loss=self.last_loss,
+            val_bpb=self.evals[-1][1] if self.evals else None, checkpoint=self.last_ckpt, curve=tuple(self.curve),
+            evals=tuple(self.evals))
 
 
 def _device_settings(device: str, bf16: bool | None, compile: bool | None) -> tuple[str, bool, bool]:
