@@ -137,7 +137,8 @@ def make_study(
 
 # --- a real browser -----------------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
-# Debian's chromium, which .ci/setup installs; Playwright's own browser download cannot work here (NOTES.md).
+# Debian's chromium, which .ci/setup installs; Playwright's own browser download cannot work here
+# (docs/dependencies.md).
 CHROMIUM = os.environ.get("NAS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]  # fmt: skip

@@ -341,11 +341,5 @@ def _profile_budgets(name: str) -> dict[str, Any]:
             "workload": p.workload.model_dump(), "budgets": p.budgets.model_dump()}
 
 
-def _measurement_dict(m: Any) -> dict[str, Any] | None:
-    if m is None:
-        return None
-    return {"id": m.id, "label": m.label, "profile": m.profile, "bitwidth": m.bitwidth,
-            "decode_ms": m.decode_ms_per_token, "decode_p10_ms": m.decode_p10_ms, "decode_p90_ms": m.decode_p90_ms,
-            "prefill_ms": m.prefill_ms, "prefill_p10_ms": m.prefill_p10_ms, "prefill_p90_ms": m.prefill_p90_ms,
-            "peak_memory_bytes": m.peak_memory_bytes, "model_bytes": m.model_bytes, "workload": m.workload,
-            "provenance": m.provenance, "created_at": m.created_at.isoformat()}
+def _measurement_dict(m: MeasurementRow | None) -> dict[str, Any] | None:
+    return None if m is None else m.summary()

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
@@ -124,18 +124,10 @@ class Overrides:
     checkpoint_every: int | None = None
 
 
-class Events(Protocol):
-    """What full training reports as it goes (the CLI draws a progress bar from it)."""
+class FullTrainEvents:
+    """What full training reports as it goes; the methods do nothing here. The CLI subclasses it
+    to draw a progress bar; a script passes this class itself to hear nothing."""
 
-    def message(self, text: str) -> None: ...
-    def started(self, step: int, total_steps: int, resumed: bool) -> None: ...
-    def stepped(self, step: int, total_steps: int, loss: float, lr: float, tokens_per_s: float) -> None: ...
-    def logged(self, point: CurvePoint) -> None: ...
-    def evaluated(self, step: int, bpb: float) -> None: ...
-    def checkpointed(self, step: int, path: Path) -> None: ...
-
-
-class SilentEvents:
     def message(self, text: str) -> None: ...
     def started(self, step: int, total_steps: int, resumed: bool) -> None: ...
     def stepped(self, step: int, total_steps: int, loss: float, lr: float, tokens_per_s: float) -> None: ...
@@ -266,7 +258,7 @@ def train_full(
     max_steps: int | None = None,
     restart: bool = False,
     final_export: bool = True,
-    events: Events | None = None,
+    events: FullTrainEvents | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> FullTrainResult:
     """Train the spec exported in ``folder`` fully, resuming from its last checkpoint if any.
@@ -275,7 +267,7 @@ def train_full(
     that many steps in all (a checkpoint is written). ``final_export`` False skips the final
     ONNX/Hugging Face export (tests compare runs without paying for it twice).
     """
-    ev = events or SilentEvents()
+    ev = events or FullTrainEvents()
     folder = Path(folder)
     export = load_winner(folder)
     device, use_bf16, use_compile = _device_settings(device, bf16, compile)
@@ -308,7 +300,7 @@ def _previous_run(folder: Path, restart: bool) -> RunConfig | None:
     return None
 
 
-def _start_run(export: WinnerExport, overrides: Overrides, previous: RunConfig | None, ev: Events,
+def _start_run(export: WinnerExport, overrides: Overrides, previous: RunConfig | None, ev: FullTrainEvents,
                ) -> tuple[RunConfig, TokenizedCorpus]:
     """The run to do and its tokenized corpus; a new run is saved beside the checkpoints (and its
     plan said) before its first step, so that an interrupted one resumes as this run."""
@@ -347,7 +339,8 @@ class _Session:
     curve, evaluations, the losses since the last curve point). Held together because a checkpoint
     must save all of it at once for a resumed run to take the same steps on the same batches."""
 
-    def __init__(self, export: WinnerExport, run: RunConfig, tc: TokenizedCorpus, device: str, ev: Events) -> None:
+    def __init__(self, export: WinnerExport, run: RunConfig, tc: TokenizedCorpus, device: str,
+                 ev: FullTrainEvents) -> None:
         spec = export.spec
         self.folder, self.run, self.tc, self.device, self.ev = export.folder, run, tc, device, ev
         self.cfg = run.train_config()
@@ -499,7 +492,7 @@ def _device_settings(device: str, bf16: bool | None, compile: bool | None) -> tu
 
 
 def _finish(export: WinnerExport, model: Decoder, run: RunConfig, tc: TokenizedCorpus, curve: list[CurvePoint],
-            evals: list[tuple[int, float]], seconds: float, ev: Events) -> tuple[Path, Path | None, float]:
+            evals: list[tuple[int, float]], seconds: float, ev: FullTrainEvents) -> tuple[Path, Path | None, float]:
     """Save the final weights, export and quantize them as the search did, score that file, and
     write the Hugging Face folder where Llama can express the spec."""
     from nas.stages.data import EOS

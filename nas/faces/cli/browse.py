@@ -9,13 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from nas.faces.cli.common import DbOpt, db_url
-
-console = Console()
-err_console = Console(stderr=True)
-
+from nas.faces.cli.common import DbOpt, console, db_url, err_console
 
 # Help as strings, not docstrings: the help shows a paragraph's line breaks as they are written.
 PLOT_HELP = (

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -32,6 +33,19 @@ def register(app: typer.Typer) -> None:
     app.add_typer(devices_app, name="devices")
 
 
+def _each_valid(files: Iterable[tuple[str, Path]], load: Callable[[Path], Any],
+                rows: list[dict[str, Any]]) -> Iterator[tuple[str, Path, Any]]:
+    """(name, path, loaded) for each definition file that loads; one that does not gets its row
+    (``valid: False`` and the error) in ``rows`` instead, so a listing validates as it goes."""
+    for name, path in files:
+        try:
+            loaded = load(path)
+        except NasError as e:
+            rows.append({"name": name, "path": str(path), "valid": False, "error": str(e)})
+            continue
+        yield name, path, loaded
+
+
 def spaces(
     names: Annotated[list[str] | None, typer.Argument(help="Spaces to show in full (default: list all).")] = None,
     as_json: JsonOpt = False,
@@ -43,14 +57,8 @@ def spaces(
         for name in names:
             _show_space(load_space(name), as_json)
         return
-    rows, failed = [], 0
-    for name, path in iter_spaces():
-        try:
-            sp = load_space(path)
-        except NasError as e:
-            failed += 1
-            rows.append({"name": name, "path": str(path), "valid": False, "error": str(e)})
-            continue
+    rows = []
+    for name, path, sp in _each_valid(iter_spaces(), load_space, rows):
         rng = random.Random(0)
         params = [sp.sample(rng).params() for _ in range(200)]
         rows.append({
@@ -74,7 +82,7 @@ def spaces(
                 r["description"].split(". ")[0].rstrip(".") + ".",
             )
         console.print(table)
-    if failed:
+    if any(not r["valid"] for r in rows):
         raise typer.Exit(2)
 
 
@@ -141,22 +149,14 @@ def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     from nas.spec.profile import list_profile_files, load_profile
 
-    rows, failed = [], 0
-    for name, path in list_profile_files().items():
-        try:
-            p = load_profile(path)
-        except NasError as e:
-            failed += 1
-            rows.append({"name": name, "path": str(path), "valid": False, "error": str(e)})
-            continue
-        b = p.budgets
+    rows = []
+    for name, path, p in _each_valid(list_profile_files().items(), load_profile, rows):
         rows.append({
             "name": name, "path": str(path), "valid": True, "device": p.device.name,
             "provider": p.runtime.execution_provider, "threads": p.runtime.threads,
             "bandwidth_gbs": p.device.memory_bandwidth_gbs, "where": p.measurement.where,
             "ray_resource": p.measurement.ray_resource, "calibration_points": len(p.calibration),
-            "budgets": {"peak_memory_mb": b.peak_memory_mb, "decode_ms_per_token": b.decode_ms_per_token,
-                        "prefill_ms": b.prefill_ms, "model_mb": b.model_mb},
+            "budgets": p.budgets.model_dump(),
         })
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -177,7 +177,7 @@ def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             table.add_row(r["name"], r["device"], f"{r['provider'].removesuffix('ExecutionProvider')} ×{r['threads']}",
                           f"{bw:g} GB/s" if isinstance(bw, (int, float)) else str(bw), where, budgets)
         console.print(table)
-    if failed:
+    if any(not r["valid"] for r in rows):
         raise typer.Exit(2)
 
 

@@ -13,13 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from nas.faces.cli.common import DbOpt, db_url
-
-console = Console()
-err_console = Console(stderr=True)
+from nas.faces.cli.common import DbOpt, console, db_url, err_console
 
 
 def register(app: typer.Typer) -> None:

@@ -221,18 +221,9 @@ def _point(t: TrialRow, m: Any, spec: dict[str, Any] | None, on_front: bool) -> 
     spread: dict[str, tuple[float, float]] = {}
     if m is not None and m.ok:
         # The measurement is where the latency figures come from; the trial's objectives copy them.
-        for key, value in (
-            ("decode_ms", m.decode_ms_per_token),
-            ("prefill_ms", m.prefill_ms),
-            ("peak_memory_mb", None if m.peak_memory_bytes is None else m.peak_memory_bytes / MIB),
-            ("model_mb", None if m.model_bytes is None else m.model_bytes / MIB),
-        ):
-            if value is not None:
-                figures[key] = float(value)
-        if m.decode_p10_ms is not None and m.decode_p90_ms is not None:
-            spread["decode_ms"] = (m.decode_p10_ms, m.decode_p90_ms)
-        if m.prefill_p10_ms is not None and m.prefill_p90_ms is not None:
-            spread["prefill_ms"] = (m.prefill_p10_ms, m.prefill_p90_ms)
+        measurement = m.to_measurement()
+        figures.update(measurement.figures())
+        spread.update(measurement.spreads())
     for key, value in (t.objectives or {}).items():
         if value is not None and math.isfinite(value):
             figures.setdefault(key, float(value))
