@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ from nas.faces.cli.common import (
     spec_from,
 )
 from nas.faces.cli.results import print_pareto
-from nas.search.config import SearchEvents
+from nas.search.config import SearchConfig, SearchEvents
 from nas.spec.errors import NasError
 
 
@@ -306,9 +307,6 @@ def search(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nas.search.config import SearchConfig
-    from nas.search.study import Search
-
     if executor not in ("local", "ray"):
         raise NasError(f"unknown --executor {executor!r}; choose local or ray")
     if executor == "local" and (workers != 1 or ray_address or cpus_per_trial != 1.0):
@@ -327,40 +325,13 @@ def search(
     cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
-    import signal
-    import threading
-
-    stop = threading.Event()
-
-    def _request_stop(signum: int, frame: object) -> None:
-        # Ctrl-C or SIGTERM (kill, a scheduler): the first asks the search to stop at its next safe
-        # point (a training step, a stage boundary), the running trial recorded and queued again;
-        # a second stops at once. Raising from the handler itself could land in a finalizer or an
-        # import, where Python swallows it.
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    stop = _stop_on_signals()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
         events = _RichEvents(progress, trials)
         try:
-            if executor == "ray":
-                from nas.search.ray_executor import RayOptions, run_with_ray
-
-                events.message(f"study {name} on {cfg.db_url}, {workers} Ray worker(s)")
-                counts = run_with_ray(cfg, RayOptions(workers=workers, address=ray_address,
-                                                      cpus_per_trial=cpus_per_trial),
-                                      events, stop=stop, n_trials=trials, timeout_s=timeout)
-            else:
-                s = Search(cfg, events, stop=stop)
-                events.message(f"study {name} on {cfg.db_url}")
-                try:
-                    counts = s.run(n_trials=trials, timeout_s=timeout)
-                finally:
-                    s.close()
+            counts = _run_search(cfg, events, stop, trials, timeout, executor=executor, workers=workers,
+                                 ray_address=ray_address, cpus_per_trial=cpus_per_trial)
         except KeyboardInterrupt:
             progress.stop()
             err_console.print(f"interrupted: finished trials are recorded; resume with the same command "
@@ -369,3 +340,42 @@ def search(
     console.print(f"done: {counts['complete']} complete, {counts['infeasible']} infeasible, {counts['failed']} "
                   f"failed, {counts['invalid']} invalid draws")
     print_pareto(cfg.db_url, name, as_json=False)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that Ctrl-C or SIGTERM (kill, a scheduler) sets: the search stops at its next safe
+    point (a training step, a stage boundary), the running trial recorded and queued again. A
+    second signal stops at once. The handler only sets the event: raising from it could land in
+    a finalizer or an import, where Python swallows it."""
+    import signal
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def _run_search(cfg: SearchConfig, events: SearchEvents, stop: threading.Event, trials: int | None,
+                timeout: float | None, *, executor: str, workers: int, ray_address: str | None,
+                cpus_per_trial: float) -> dict[str, int]:
+    """The search on this process (``local``) or on a Ray cluster's workers; the trial counts."""
+    if executor == "ray":
+        from nas.search.ray_executor import RayOptions, run_with_ray
+
+        events.message(f"study {cfg.study} on {cfg.db_url}, {workers} Ray worker(s)")
+        return run_with_ray(cfg, RayOptions(workers=workers, address=ray_address, cpus_per_trial=cpus_per_trial),
+                            events, stop=stop, n_trials=trials, timeout_s=timeout)
+    from nas.search.study import Search
+
+    s = Search(cfg, events, stop=stop)
+    events.message(f"study {cfg.study} on {cfg.db_url}")
+    try:
+        return s.run(n_trials=trials, timeout_s=timeout)
+    finally:
+        s.close()
