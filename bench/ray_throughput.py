@@ -52,7 +52,7 @@ def trial_seconds(cfg: SearchConfig) -> list[float]:
 def drawn(cfg: SearchConfig) -> list[dict]:
     """The parameters of the study's trials that got past sampling, in order."""
     study = optuna.load_study(study_name=cfg.study, storage=cfg.db_url)
-    return [t.params for t in study.trials if t.state != optuna.trial.TrialState.PRUNED]
+    return [t.params for t in study.trials if "invalid" not in t.user_attrs]
 
 
 def run(kind: str, workers: int, work: Path, trials: int, tokens: int, same_as: list[dict] | None = None) -> dict:

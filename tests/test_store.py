@@ -118,6 +118,13 @@ def test_upgrade_is_idempotent_and_matches_the_models(db_url):
     assert _migrate.SCHEMA_HEAD == head_revision()  # a new migration moves both
 
 
+def test_a_database_in_a_missing_folder_does_not_suggest_an_upgrade_that_cannot_work(tmp_path):
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'nas.db'}"
+    with pytest.raises(StoreError, match=r"its folder .*/no/such does not exist") as e:
+        Store(url, upgrade=False)
+    assert "nas db upgrade" not in str(e.value)
+
+
 def test_an_empty_database_without_upgrade_names_the_command(db_url):
     if db_url.startswith("sqlite"):
         with pytest.raises(StoreError, match="no such database file; run `nas db upgrade --db sqlite:///"):

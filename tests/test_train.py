@@ -154,3 +154,24 @@ def test_onnx_score_of_the_fp32_export_matches_torch_and_quantized_ones_stay_clo
         q = score_bpb_onnx(export_spec(q_spec, tmp_path / str(bits), model=q_model), stdlib_512, 2048)
         assert abs(q.bpb - torch_bpb) < tol, (bits, q.bpb, torch_bpb)
         assert q.tokens == fp32.tokens and q.bytes == fp32.bytes
+
+
+def test_nas_trial_scores_the_deployed_model_as_the_search_does(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NAS_CACHE_DIR=str(tmp_path / "cache"))
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps({"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16,
+                                "context_length": 64, "bitwidth": 8}))
+    cmd = [sys.executable, "-m", "nas", "trial", "--space", "tiny", "--arch-json", str(arch), "--max-bytes", "300000",
+           "--tokens", "4096", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["bitwidth"] == 8 and 0 < out["val_bpb"] < 8 and 0 < out["torch_fp32_bpb"] < 8
+    assert out["val_bpb"] != out["torch_fp32_bpb"]  # the int8 file, not the torch model, was scored
+    bad = subprocess.run([*cmd[:-3], "--tokens", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--tokens" in bad.stderr and "Traceback" not in bad.stderr

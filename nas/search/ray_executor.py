@@ -91,8 +91,8 @@ def run_with_ray(cfg: SearchConfig, opts: RayOptions, events: SearchEvents | Non
     cfg = portable_config(cfg)
     driver = Search(cfg, events, stop=stop)  # creates or joins the study, checks its settings
     try:
-        for number in driver.recover():
-            events.message(f"trial {number} was left running by a dead worker: failed, queued again")
+        for number, reason in driver.recover().items():
+            events.message(f"trial {number} was left running: failed, {reason}")
         ray = _connect(opts.address)
         resources = _trial_resources(ray, cfg, opts)
         measure_on = _device_node(ray, driver, events)
@@ -101,7 +101,7 @@ def run_with_ray(cfg: SearchConfig, opts: RayOptions, events: SearchEvents | Non
             events.message("a SQLite database serves only the workers of this machine: give --db postgresql://... "
                            "when trials run on several machines")
         # Measure the host once here, so that the workers of this machine find it cached.
-        driver._host()
+        driver.resources.calibrated_host()
         return _tune(ray, driver, cfg, opts, resources, measure_on, events, stop, n_trials, timeout_s)
     finally:
         driver.close()
@@ -264,15 +264,15 @@ def _tune_hooks(driver: Search, events: SearchEvents, stop: threading.Event, dea
 
 
 def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 15.0) -> None:
-    """Fail and queue again the trials of this host's workers that died; after a stop, give the
-    stopped workers a moment to exit first."""
+    """Fail the trials of this host's workers that died (queued again within the retry limit);
+    after a stop, give the stopped workers a moment to exit first."""
     from nas.search.study import worker_alive, worker_id
 
     host = worker_id().rsplit(":", 1)[0]
     end = time.monotonic() + wait_s
     while True:
-        for number in driver.recover():
-            relay.note_failed(number, "its Ray worker stopped mid-trial; parameters queued again")
+        for number, reason in driver.recover().items():
+            relay.note_failed(number, f"its Ray worker stopped mid-trial: {reason}")
         if not stopped:
             return
         rows = driver.store.trials(study=driver.cfg.study, states=["running"])
@@ -284,7 +284,8 @@ def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 15
 
 class _RelayMixin:
     """A Tune callback on the driver (made one by ``_tune_hooks``): trial results to the search's
-    events and counts; a trial whose worker died is failed in the store and queued again."""
+    events and counts; a trial whose worker died is failed in the store (queued again within the
+    retry limit)."""
     def __init__(self, driver: Search, events: SearchEvents) -> None:
         self.driver = driver
         self.events = events
@@ -315,8 +316,8 @@ class _RelayMixin:
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running -= 1
         recovered = self.driver.recover()
-        for number in recovered:
-            self.note_failed(number, "its Ray worker died mid-trial; parameters queued again")
+        for number, reason in recovered.items():
+            self.note_failed(number, f"its Ray worker died mid-trial: {reason}")
         if not recovered:
             # On another machine: Optuna's heartbeat fails it and queues it again; counted here.
             self.counts["failed"] += 1

@@ -4,9 +4,16 @@ crash, and the loop that runs trials (each one is :func:`nas.search.trial.run_tr
 Several workers may run the same study on one database (a SQLite file on one host, PostgreSQL
 across machines); a second run of the same command resumes it.
 
-Crash recovery: Optuna's heartbeat marks a trial whose worker stopped beating as failed and
-queues its parameters again; a trial left running by a dead process on this host is caught at
-once on start-up (its pid is gone) and queued again the same way.
+Retries. A trial stopped because you asked (Ctrl-C, SIGTERM) is always queued again: the stop
+was not the trial's fault, and it does not count as a retry. A trial whose worker died (killed,
+out of memory, a lost machine) is queued again at most ``max_retry`` times (default 1), so that
+an architecture that kills its worker cannot loop forever; what happened is said in the trial's
+failure reason either way. Optuna's heartbeat catches a dead worker on another machine; one on
+this host is caught at once on start-up (its pid is gone).
+
+A search whose trials all fail the same way with an internal error (a bug or a broken install,
+not the architectures) stops after ``SAME_BUG_LIMIT`` such trials in a row, with that reason and
+a non-zero exit, instead of burning its budget.
 """
 
 from __future__ import annotations
@@ -31,11 +38,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from nas.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchEvents
-from nas.search.trial import RayMeasure, Resources, TrialEnv, TrialFailed, TrialRecord, run_trial
+from nas.search.trial import INTERNAL, RayMeasure, Resources, TrialEnv, TrialFailed, TrialRecord, run_trial
 from nas.spec.errors import NasError
 from nas.spec.profile import HardwareProfile, load_profile
+from nas.spec.settings import check_study_name
 from nas.spec.space import SearchSpace, load_space
 from nas.store import Store, StoreError, StudyRow, harden_foreign_sqlite_engine
+
+SAME_BUG_LIMIT = 3
+
+
+class SearchBroken(NasError):
+    """Every trial fails the same way with an internal error: stop and say why."""
 
 
 def worker_id() -> str:
@@ -160,6 +174,7 @@ class Search:
             raise NasError(f"objectives must be distinct and at least one: {', '.join(cfg.objectives)}")
         if cfg.sampler not in SAMPLERS:
             raise NasError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_study_name(cfg.study)  # it names the artifacts folder: never a path out of it
         from nas.stages.data import load_corpus
 
         self.cfg = cfg
@@ -167,7 +182,9 @@ class Search:
         # Set from a signal handler or another thread: the run stops at the next safe point (a
         # stage boundary, a training step, between trials) as if interrupted there.
         self.stop = stop or threading.Event()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Optuna logs every failed trial with its traceback at WARNING; the search reports each
+        # failure itself in one line (and stores it), so only Optuna's errors are let through.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.space: SearchSpace = load_space(cfg.space)
         self.profile: HardwareProfile = load_profile(cfg.device)
         self.train = cfg.train or self.space.training
@@ -181,6 +198,9 @@ class Search:
         profile's resource: the measure stage then runs on that node, labelled with it."""
         self.last_number: int | None = None
         """The number of the last trial run (None when none got a number)."""
+        self._last_record: TrialRecord | None = None
+        self._bugs: list[str] = []  # the same internal error, trial after trial
+        self._counted = 0
 
     # --- the study ------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
@@ -234,29 +254,50 @@ class Search:
         return self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
 
     # --- recovery -------------------------------------------------------------------------------
-    def recover(self) -> list[int]:
-        """Fail and queue again the trials that a dead process on this host left running, and
-        bring the store in line with trials Optuna's heartbeat already failed. Returns the numbers."""
+    def recover(self) -> dict[int, str]:
+        """Fail the trials that a dead process on this host left running (queued again within
+        the retry limit), and bring the store in line with trials Optuna's heartbeat already
+        failed. Returns each one's number and what happened to it."""
         host = socket.gethostname()
         by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        recovered = []
-        with _experimental_ok():
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retry)
+        recovered: dict[int, str] = {}
         for row in self.store.trials(study=self.cfg.study, states=["running"]):
             ot = by_number.get(row.number)
             dead_here = bool(row.worker) and row.worker.rsplit(":", 1)[0] == host and not worker_alive(row.worker)
             if ot is not None and ot.state == TrialState.RUNNING and dead_here:
                 trial_id = self._trial_id(row.number)
                 self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                retry(self.study, self._storage.get_trial(trial_id))
-                reason = f"its worker {row.worker} died mid-trial; parameters queued again"
+                failed = self._storage.get_trial(trial_id)
+                with _experimental_ok():
+                    RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retry)(self.study, failed)
+                reason = f"its worker {row.worker} died mid-trial; {self._retry_note(failed)}"
             elif ot is not None and ot.state == TrialState.FAIL:
-                reason = "its worker stopped sending heartbeats; parameters queued again"
+                reason = f"its worker stopped sending heartbeats; {self._retry_note(ot)}"
             else:
                 continue
             self.store.fail_trial(study=self.cfg.study, number=row.number, stage="killed", reason=reason)
-            recovered.append(row.number)
+            recovered[row.number] = reason
         return recovered
+
+    def _retry_note(self, failed: optuna.trial.FrozenTrial) -> str:
+        """What Optuna's retry callback did with a trial whose worker died, in words. It queues
+        the parameters again while the trial's retry history is within ``max_retry``."""
+        tries = len(failed.system_attrs.get("retry_history", [])) + 1
+        limit = self.cfg.max_retry
+        if limit is None or tries <= limit:
+            return f"parameters queued again (retry {tries} of {limit})"
+        return f"not queued again: its parameters were already retried {limit} time(s) after a dead worker"
+
+    def _queue_again(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Queue a stopped trial's parameters again, carrying its retry history unchanged: a stop
+        that was asked for is not a retry."""
+        # Optuna's own keys, as its retry callback writes them: the first trial of the series, and
+        # the retries so far (not extended here).
+        history = {"failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                   "retry_history": list(trial.system_attrs.get("retry_history", []))}
+        self.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=history,
+        ))
 
     # --- running ----------------------------------------------------------------------------------
     def run(self, n_trials: int | None = None, timeout_s: float | None = None) -> dict[str, int]:
@@ -266,8 +307,8 @@ class Search:
         if n_trials is None and timeout_s is None:
             raise NasError("give a number of trials or a time budget (or both)")
         self.study.sampler = make_sampler(self.cfg.sampler, self.cfg.seed + len(self.study.trials), n_trials)
-        for number in self.recover():
-            self.events.message(f"trial {number} was left running by a dead worker: failed, queued again")
+        for number, reason in self.recover().items():
+            self.events.message(f"trial {number} was left running: failed, {reason}")
         counts = {"complete": 0, "infeasible": 0, "failed": 0, "invalid": 0}
         start = time.monotonic()
         done = 0
@@ -277,7 +318,8 @@ class Search:
             counts[state] += 1
             if state != "invalid":
                 done += 1
-            elif counts["invalid"] > 1000 + 10 * done:
+            self._stop_on_a_repeated_bug(last=done == n_trials)
+            if state == "invalid" and counts["invalid"] > 1000 + 10 * done:
                 raise NasError(f"space {self.space.name}: the sampler keeps drawing invalid architectures; "
                                "loosen its rules")
         return counts
@@ -293,11 +335,31 @@ class Search:
             self._check_stop()
             state = self._one_trial()
             if state != "invalid":
+                self._stop_on_a_repeated_bug(False)
                 return state, self.last_number, invalid
             invalid += 1
             if invalid > 1000:
                 raise NasError(f"space {self.space.name}: the sampler keeps drawing invalid architectures; "
                                "loosen its rules")
+
+    def _stop_on_a_repeated_bug(self, last: bool) -> None:
+        """Raise SearchBroken once ``SAME_BUG_LIMIT`` counted trials in a row failed with the same
+        internal error, or when ``last`` ends a run in which every counted trial failed so (a
+        short run never reaches the limit, yet must not exit 0)."""
+        record = self._last_record
+        if record is None or record.state == "invalid":
+            return
+        self._counted += 1
+        bug = record.reason if record.state == "failed" and record.reason.startswith(INTERNAL) else None
+        if bug is None:
+            self._bugs = []
+        elif self._bugs and self._bugs[-1] != bug:
+            self._bugs = [bug]
+        else:
+            self._bugs.append(bug)
+        if self._bugs and (len(self._bugs) >= SAME_BUG_LIMIT or (last and len(self._bugs) == self._counted)):
+            raise SearchBroken(f"stopping: {len(self._bugs)} trial(s) in a row failed the same way, which is a "
+                               f"bug or a broken install, not the architectures: {self._bugs[-1]}")
 
     def _one_trial(self) -> str:
         record = TrialRecord()
@@ -314,6 +376,7 @@ class Search:
             raise
         finally:
             self.last_number = record.number
+            self._last_record = record
         return record.state
 
     def _check_stop(self) -> None:
@@ -328,9 +391,7 @@ class Search:
         if row is not None and row.state == "running":
             self.store.fail_trial(study=self.cfg.study, number=n, stage=record.stage,
                                   reason="interrupted (Ctrl-C or SIGTERM); parameters queued again")
-            with _experimental_ok():
-                retry = RetryHeartbeatStaleTrialCallback(max_retry=self.cfg.max_retry)
-            retry(self.study, self.study.trials[n])
+            self._queue_again(self.study.trials[n])
 
     def close(self) -> None:
         self.store.close()

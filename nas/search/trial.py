@@ -14,16 +14,16 @@
 6. ``report``   objectives and constraints to Optuna, the trial to the store, the front refreshed.
 
 A failure at any stage marks the trial failed with the stage and the reason; the search goes on.
-Infeasible trials are told to Optuna as complete with their constraint values (> 0) so that the
-sampler learns where the budgets bind; their objective values are placeholders (BPB 8.0, the
-byte-uniform guess, and the worst figures seen) that the store never reports as results.
+An infeasible trial is told to Optuna as pruned, with its constraint values (> 0) set and no
+objective values: TPE sorts a trial by its constraint values before it looks at its state, so the
+sampler still learns where the budgets bind, and no view (ours, optuna-dashboard's) can show a
+made-up figure for it. Its user attribute ``infeasible`` says why; an invalid draw's ``invalid``.
 
 :func:`run_trial` is the whole flow; the functions below it are its stages and its reports.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import threading
 import time
@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import optuna
 
@@ -40,7 +40,7 @@ from nas.search.pipeline import Host, host_setup, measure_deployed
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
 from nas.spec.profile import HardwareProfile, analytic_budget_check, min_model_bytes, min_peak_memory_bytes
-from nas.spec.results import Measurement
+from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, Measurement, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
 from nas.store import Store
@@ -66,20 +66,21 @@ class TrialRecord:
     number: int | None = None
     stage: str = "sample"
     state: str = "failed"
+    reason: str = ""
+    """Why it failed, was infeasible or invalid; empty when it completed."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Resources:
     """What the trials of one worker compute once and share: the host's calibration, the corpus
-    tokenized per vocabulary and its n-gram baselines, the worst objective values seen (for the
-    placeholders of infeasible trials), and the notes already shown. Keyed by vocabulary size
-    because the corpus is fixed for a study (its fingerprint is checked when a study resumes)."""
+    tokenized per vocabulary and its n-gram baselines, and the notes already shown. Keyed by
+    vocabulary size because the corpus is fixed for a study (its fingerprint is checked when a
+    study resumes)."""
 
     def __init__(self, corpus: Corpus, events: SearchEvents) -> None:
         self.corpus = corpus
         self.events = events
         self.host: Host | None = None
-        self.worst: dict[str, float] = {}
         self._tokenized: dict[int, TokenizedCorpus] = {}
         self._baselines: dict[int, dict[str, float]] = {}
         self._noted: set[str] = set()
@@ -105,11 +106,6 @@ class Resources:
             tc = self.tokenized(vocab)
             self._baselines[vocab] = {"unigram_bpb": ngram_baseline_bpb(tc, 1), "bigram_bpb": ngram_baseline_bpb(tc, 2)}
         return self._baselines[vocab]
-
-    def note_worst(self, objectives: dict[str, float]) -> None:
-        for k, v in objectives.items():
-            if math.isfinite(v):
-                self.worst[k] = max(v, self.worst.get(k, v))
 
     def note_once(self, text: str) -> None:
         if text not in self._noted:
@@ -158,8 +154,8 @@ class _StageClock:
 
 def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[float]:
     """The objective Optuna calls: one trial through every stage. Returns the objective values
-    in the study's order; raises TrialPruned for an invalid draw, TrialFailed after recording a
-    failure, and KeyboardInterrupt when a stop was asked for."""
+    in the study's order; raises TrialPruned for an invalid draw or an infeasible architecture,
+    TrialFailed after recording a failure, and KeyboardInterrupt when a stop was asked for."""
     n = record.number = trial.number
     cfg = env.cfg
     env.store.start_trial(study=cfg.study, number=n, optuna_trial_id=env.optuna_trial_id(n), worker=env.worker)
@@ -175,18 +171,21 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
             clock.enter("budget", spec.summary())
             reasons = analytic_budget_check(spec, env.profile)
             if reasons:
-                return _infeasible(trial, env, record, spec, "budget", "; ".join(reasons),
-                                   _analytic_constraints(spec, env.profile))
+                _infeasible(trial, env, record, spec, "budget", "; ".join(reasons),
+                            _analytic_constraints(spec, env.profile))
 
             clock.enter("measure", "export, quantize, measure")
             m, measurement_id, template = _measure(spec, env, Path(scratch))
             constraints = env.profile.budgets.constraints(m.figures())
+            unjudged = [k for k in env.profile.budgets.limits() if k not in constraints]
+            if unjudged:  # a figure that was not taken must not pass for one within budget
+                raise NasError(f"the {', '.join(unjudged)} budget cannot be judged: the measurement ({m.label}) "
+                               "has no such figure")
             trial.set_user_attr("label", m.label)
             over = [k for k, v in constraints.items() if v > 0]
             if over:
                 why = ", ".join(f"{k} over by {constraints[k]:.3g}" for k in over)
-                return _infeasible(trial, env, record, spec, "measure", f"{why} ({m.label})", constraints, m,
-                                   measurement_id)
+                _infeasible(trial, env, record, spec, "measure", f"{why} ({m.label})", constraints, measurement_id)
 
             clock.enter("train", f"{env.train.tokens:,} tokens")
             tc = env.resources.tokenized(spec.vocab_size)
@@ -205,7 +204,7 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
             reason = str(e) if isinstance(e, NasError) else _bug_reason(e)
             env.store.fail_trial(study=cfg.study, number=n, stage=record.stage, reason=reason)
             trial.set_user_attr("failure", f"{record.stage}: {reason}")
-            record.state = "failed"
+            record.state, record.reason = "failed", reason
             env.events.trial_finished(n, "failed", f"{record.stage}: {reason}")
             raise TrialFailed(reason) from e
 
@@ -216,7 +215,8 @@ def _sample(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> ArchSpec
         spec = env.space.suggest(trial)
     except InvalidSample as e:
         env.store.mark_infeasible(study=env.cfg.study, number=trial.number, stage="sample", reason=str(e))
-        record.state = "invalid"
+        record.state, record.reason = "invalid", str(e)
+        trial.set_user_attr("invalid", str(e))
         env.events.trial_finished(trial.number, "invalid", str(e))
         raise optuna.TrialPruned(str(e)) from None
     env.store.upsert_architecture(spec=spec)
@@ -248,10 +248,9 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
         m = measure_deployed(spec, exported.path.parent, profile, host=host, require_measured=cfg.require_measured,
                              ray_measure=env.ray_measure, notify=env.resources.note_once)
     except MeasurementError as e:
-        # A failure on a device node is not one of this host's figures: label it with the resource.
-        where = "local" if env.ray_measure is None else profile.measurement.ray_resource
         env.store.add_failed_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
-                                         label=f"measured:{where}", error=str(e), workload=workload)
+                                         label=attempted_label(profile, env.ray_measure is not None),
+                                         error=str(e), workload=workload)
         raise
     return m, env.store.add_measurement(m).id, scratch
 
@@ -274,6 +273,16 @@ def _trial_dir(cfg: SearchConfig, n: int) -> Path:
 
 def _score(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
            env: TrialEnv) -> tuple[BpbResult, str]:
+    threads = env.resources.host.profile.runtime.threads if env.resources.host else 2
+    return score_trained(spec, model, tc, trial_dir, env.train, template=template, threads=threads)
+
+
+def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: Path, train: TrainConfig, *,
+                  template: Path | None = None, threads: int = 2) -> tuple[BpbResult, str]:
+    """The score stage: save the trained weights with their spec (``out_dir/model.pt``), export the
+    deployed graph at the spec's bitwidth (``out_dir/onnx``: ``template``'s graph with these
+    weights written in, else a new trace) and its BPB in ONNX Runtime. Returns the BPB and how the
+    file was made. `nas trial` scores with this too, so its BPB is the search's."""
     import torch
 
     from nas.stages.export import export_spec, load_exported
@@ -281,12 +290,11 @@ def _score(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, trial_dir: Path,
 
     model = model.to("cpu")
     # The trained weights travel with the spec, so `nas export` and `nas train` can rebuild it.
-    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "train_config": env.train.model_dump()},
-               trial_dir / "model.pt")
+    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "train_config": train.model_dump()},
+               out_dir / "model.pt")
     like = load_exported(template) if template is not None else None  # measured in this trial
-    exported = export_spec(spec, trial_dir / "onnx", model=model, like=like)
-    threads = env.resources.host.profile.runtime.threads if env.resources.host else 2
-    return score_bpb_onnx(exported, tc, env.train.eval_tokens, threads=threads), exported.made_by
+    exported = export_spec(spec, out_dir / "onnx", model=model, like=like)
+    return score_bpb_onnx(exported, tc, train.eval_tokens, threads=threads), exported.made_by
 
 
 # --- the reports ------------------------------------------------------------------------------------
@@ -295,7 +303,6 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
               made_by: str, trial_dir: Path) -> list[float]:
     cfg, n = env.cfg, trial.number
     objectives = objective_values(spec, m, bpb.bpb)
-    env.resources.note_worst(objectives)
     for key, value in constraints.items():
         trial.set_constraint(key, value)
     trial.set_user_attr("val_bpb", bpb.bpb)
@@ -321,10 +328,9 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
 
 
 def _infeasible(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: ArchSpec, stage: str, reason: str,
-                constraints: dict[str, float], m: Measurement | None = None,
-                measurement_id: int | None = None) -> list[float]:
-    """Record the trial as infeasible and tell Optuna its constraint values (> 0) with
-    placeholder objectives, so the sampler learns where the budgets bind."""
+                constraints: dict[str, float], measurement_id: int | None = None) -> NoReturn:
+    """Record the trial as infeasible and end it as pruned with its constraint values (> 0): the
+    sampler learns where the budgets bind, and no objective value is made up for it."""
     env.store.mark_infeasible(study=env.cfg.study, number=trial.number, stage=stage, reason=reason,
                               constraints=constraints, arch_id=spec.arch_id, measurement_id=measurement_id)
     # Optuna sees every budget on every trial; one the check could not judge counts as met
@@ -332,17 +338,19 @@ def _infeasible(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: A
     for key in env.profile.budgets.limits():
         trial.set_constraint(key, constraints.get(key, 0.0))
     trial.set_user_attr("infeasible", f"{stage}: {reason}")
-    trial.set_user_attr("placeholder_objectives", True)
-    record.state = "infeasible"
+    record.state, record.reason = "infeasible", f"{stage}: {reason}"
     env.events.trial_finished(trial.number, "infeasible", f"{stage}: {reason}")
-    known, worst = objective_values(spec, m, None), env.resources.worst
-    values = []
-    for o in env.cfg.objectives:
-        v = known.get(o)
-        if v is None or not math.isfinite(v):
-            v = 8.0 if o == "val_bpb" else worst.get(o, 1e6)
-        values.append(max(v, worst.get(o, v)))
-    return values
+    raise optuna.TrialPruned(f"infeasible at {stage}: {reason}")
+
+
+def attempted_label(profile: HardwareProfile, on_device_node: bool) -> str:
+    """The label of a figure this profile's measurement was trying to take: a failure is filed
+    under what was attempted, never relabelled as a measurement of something else."""
+    if profile.measurement.where == "local":
+        return MEASURED_LOCAL
+    if on_device_node:
+        return measured_on(str(profile.measurement.ray_resource))
+    return ESTIMATED_ROOFLINE  # the host measures so that the roofline can scale it
 
 
 def objective_values(spec: ArchSpec, m: Measurement | None, bpb: float | None) -> dict[str, float]:
@@ -362,7 +370,11 @@ def _analytic_constraints(spec: ArchSpec, profile: HardwareProfile) -> dict[str,
                                         "peak_memory_mb": min_peak_memory_bytes(spec, profile.workload) / MIB})
 
 
+INTERNAL = "internal error"
+"""How the reason of a failure that is a bug (not the architecture's, not the user's) begins."""
+
+
 def _bug_reason(e: Exception) -> str:
     frames = traceback.extract_tb(e.__traceback__)[-2:]
     where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
-    return f"internal error {type(e).__name__}: {e} ({where})"
+    return f"{INTERNAL} {type(e).__name__}: {e} ({where})"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nas.spec.errors import NasError
 
 
 class TrainConfig(BaseModel):
@@ -29,3 +34,37 @@ class TrainConfig(BaseModel):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     """Steps between loss lines / progress updates."""
+
+    def updated(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``, validated like the original (``model_copy`` would skip that,
+        and a budget of 0 tokens would then train one step and be stored as a result)."""
+        try:
+            return TrainConfig.model_validate({**self.model_dump(), **changes})
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise NasError(f"training {field}: {first['msg']}, got {first.get('input')!r}") from None
+
+
+STUDY_NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', beginning with a letter or a digit"
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it is a valid study name, else a NasError saying the rule. A study's name is
+    also the folder of its artifacts (``--artifacts/NAME``), a URL path segment of the web page
+    and an Optuna study name, so one rule that every one of them accepts: no path separators, no
+    leading dot (no ``..``), no control characters, short enough for any filesystem."""
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
+        raise NasError(f"study name {name!r} is not allowed: use {STUDY_NAME_RULE}")
+    return name
+
+
+def default_study_name(space: str, device: str) -> str:
+    """SPACE-DEVICE from the names (or file stems) of the space and the profile, with any
+    character the rule does not allow replaced by '-'."""
+    from pathlib import Path
+
+    raw = f"{Path(space).stem}-{Path(device).stem}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", raw).lstrip("._-")[:100]
+    return check_study_name(name or "study")

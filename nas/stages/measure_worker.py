@@ -25,15 +25,16 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _status_bytes(key: str) -> int:
-    """VmHWM / VmRSS of this process from /proc (kB there), 0 where /proc is missing."""
+def _status_bytes(key: str) -> int | None:
+    """VmHWM / VmRSS of this process from /proc (kB there); None where /proc or the key is
+    missing: a figure that was not taken is absent, never 0 (which would meet any budget)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
 
 
 def _reset_peak() -> bool:

@@ -522,8 +522,11 @@ def _refuse_missing_sqlite_file(url: str) -> None:
         return  # make_engine reports it
     db = parsed.database or ""
     if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not db.startswith("file:"):
-        if not Path(db).expanduser().exists():
+        path = Path(db).expanduser()
+        if not path.exists():
             where = safe_url(url)
+            if not path.parent.is_dir():  # `nas db upgrade` cannot make it there either
+                raise StoreError(f"{where}: no such database file, and its folder {path.parent} does not exist")
             raise StoreError(f"{where}: no such database file; run `nas db upgrade --db {where}` to create it")
 
 

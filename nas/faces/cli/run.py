@@ -29,6 +29,7 @@ from nas.faces.cli.common import (
 from nas.faces.cli.results import print_pareto
 from nas.search.config import SearchConfig, SearchEvents
 from nas.spec.errors import NasError
+from nas.spec.settings import check_study_name, default_study_name
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +46,8 @@ def trial(
     seed: SeedOpt = 0,
     data: Annotated[str | None, typer.Option(help="Corpus: a .txt/.md/.jsonl file or folder "
                                              "(default: the Python standard library's source).")] = None,
-    tokens: Annotated[int | None, typer.Option(help="Training budget in tokens (default: the space's).")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Training budget in tokens (default: the space's).",
+                                               min=1)] = None,
     seconds: Annotated[float | None, typer.Option(help="Optional wall-clock budget in seconds.")] = None,
     max_bytes: Annotated[int | None, typer.Option(help="Use a deterministic subset of the corpus "
                                                   "of about this many bytes.")] = None,
@@ -54,11 +56,16 @@ def trial(
 ) -> None:
     """Train one architecture briefly, as a search trial would, and score its validation BPB.
 
-    Prints the falling training loss, then bits per byte on the validation split next to what a
-    unigram and a bigram count model of the same tokenizer achieve (8.0 is a uniform guess over bytes).
+    Prints the falling training loss, then bits per byte on the validation split of the model
+    exported at its bitwidth and run in ONNX Runtime (the search's score), the fp32 torch model's
+    beside it, and what a unigram and a bigram count model of the same tokenizer achieve (8.0 is
+    a uniform guess over bytes). Unlike a search trial it measures no latency and stores nothing.
     """
+    import tempfile
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from nas.search.trial import score_trained
     from nas.spec.space import load_space
     from nas.stages.data import load_corpus, ngram_baseline_bpb, tokenize_corpus
     from nas.stages.train import evaluate_bpb, train_brief
@@ -70,7 +77,7 @@ def trial(
     else:
         spec = sp.sample(random.Random(seed))
     overrides = {k: v for k, v in {"tokens": tokens, "seconds": seconds, "seed": seed}.items() if v is not None}
-    cfg = sp.training.model_copy(update=overrides)
+    cfg = sp.training.updated(**overrides)
     if device.startswith("cuda"):
         import torch
 
@@ -96,15 +103,20 @@ def trial(
                               f"lr {point.lr:.2e}  {point.tokens / max(point.seconds, 1e-9):,.0f} tok/s")
 
         model, result = train_brief(spec, tc, cfg, device=device, progress=on_progress)
-    with log.status("scoring validation bits per byte…"):
-        score = evaluate_bpb(model, tc, cfg.eval_tokens, device=device)
+    with log.status(f"exporting at {spec.bitwidth} bits and scoring validation bits per byte in ONNX Runtime…"), \
+            tempfile.TemporaryDirectory() as tmp:
+        # the search's own score stage: BPB of the deployed (quantized) model, and the torch
+        # model's beside it, whose gap is what quantization costs
+        score, _ = score_trained(spec, model, tc, Path(tmp), cfg)
+        torch_score = evaluate_bpb(model, tc, cfg.eval_tokens, device="cpu")
         unigram, bigram = ngram_baseline_bpb(tc, 1), ngram_baseline_bpb(tc, 2)
     out = {
         "arch_id": spec.arch_id, "spec": spec.to_dict(), "params": spec.params(),
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                   "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
                   "stopped_by": result.stopped_by},
-        "val_bpb": score.bpb, "val_tokens": score.tokens, "val_bytes": score.bytes,
+        "val_bpb": score.bpb, "val_tokens": score.tokens, "val_bytes": score.bytes, "bitwidth": spec.bitwidth,
+        "torch_fp32_bpb": torch_score.bpb,
         "baseline_bpb": {"unigram": unigram, "bigram": bigram}, "corpus": corpus.fingerprint,
     }
     if as_json:
@@ -116,7 +128,9 @@ def trial(
     table.add_row("trained", f"{result.tokens:,} tokens in {result.steps} steps, {result.seconds:.1f} s "
                              f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f}")
     table.add_row("validation BPB",
-                  f"[bold]{score.bpb:.4f}[/bold] over {score.bytes:,} bytes ({score.tokens:,} tokens)")
+                  f"[bold]{score.bpb:.4f}[/bold] over {score.bytes:,} bytes ({score.tokens:,} tokens), the "
+                  f"{spec.bitwidth}-bit ONNX model in ONNX Runtime, as the search scores it")
+    table.add_row("torch fp32 BPB", f"{torch_score.bpb:.4f} (the gap is the cost of the {spec.bitwidth}-bit export)")
     table.add_row("baselines BPB", f"bigram {bigram:.4f}, unigram {unigram:.4f}, uniform bytes 8.0")
     console.print(table)
 
@@ -248,9 +262,13 @@ class _RichEvents(SearchEvents):
         self.p.update(self.current, completed=step, total=total, info=f"train: loss {loss:.3f}")
 
     def trial_finished(self, number: int, state: str, summary: str) -> None:
-        colour = {"complete": "green", "infeasible": "yellow", "failed": "red", "invalid": "dim"}[state]
+        if state == "invalid":  # stored as infeasible at the sample stage: said the same way here
+            state, summary = "infeasible", f"sample: {summary} (an invalid draw; not counted, drawn again)"
+            colour, counted = "dim", False
+        else:
+            colour, counted = {"complete": "green", "infeasible": "yellow", "failed": "red"}[state], True
         self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {summary}", highlight=False)
-        if state != "invalid":
+        if counted:
             self.finished += 1
             self.p.update(self.trials, completed=self.finished)
 
@@ -262,8 +280,9 @@ def search(
                                                min=1)] = None,
     time_budget: Annotated[str | None, typer.Option("--time", help="Stop starting trials after this long: "
                                                     "90s, 30m, 2h, 1h30m.")] = None,
-    study: Annotated[str | None, typer.Option(help="Study name (default: SPACE-DEVICE). The same name resumes "
-                                              "the study.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: SPACE-DEVICE): 1 to 100 "
+                                              "letters, digits, '.', '_' or '-'; it names the artifacts "
+                                              "folder. The same name resumes the study.")] = None,
     db: DbOpt = None,
     data: Annotated[str | None, typer.Option(help="Corpus: a .txt/.md/.jsonl file or folder (default: the "
                                              "Python standard library's source).")] = None,
@@ -275,7 +294,7 @@ def search(
                                          "conditional dimensions), nsga2, gp, random.")] = "tpe",
     seed: SeedOpt = 0,
     tokens: Annotated[int | None, typer.Option(help="Training budget per trial in tokens (default: the "
-                                               "space's).")] = None,
+                                               "space's).", min=1)] = None,
     artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
     = Path("nas_artifacts"),
     require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
@@ -320,8 +339,8 @@ def search(
     if tokens is not None:
         from nas.spec.space import load_space
 
-        sp_train = load_space(space).training.model_copy(update={"tokens": tokens})
-    name = study or f"{Path(space).stem}-{Path(device).stem}"
+        sp_train = load_space(space).training.updated(tokens=tokens)
+    name = check_study_name(study) if study is not None else default_study_name(space, device)
     cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
@@ -338,7 +357,7 @@ def search(
                               f"(--study {name})")
             raise typer.Exit(130) from None
     console.print(f"done: {counts['complete']} complete, {counts['infeasible']} infeasible, {counts['failed']} "
-                  f"failed, {counts['invalid']} invalid draws")
+                  f"failed; {counts['invalid']} invalid draws (infeasible at sampling, not counted)")
     print_pareto(cfg.db_url, name, as_json=False)
 
 

@@ -1,0 +1,137 @@
+"""The search's policies, checked in one process on a real study: how often a trial is tried
+again, and when a search stops itself because every trial fails the same way."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import optuna
+import pytest
+
+from nas.search import trial as trial_module
+from nas.search.config import SearchConfig
+from nas.search.study import SAME_BUG_LIMIT, Search, SearchBroken, worker_id
+from nas.search.trial import TrialRecord
+from nas.spec.settings import TrainConfig
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch) -> SearchConfig:
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    return SearchConfig(study="policy", space="tiny", device="host", db_url=f"sqlite:///{tmp_path / 'nas.db'}",
+                        max_bytes=300_000, train=TrainConfig(tokens=8192), artifacts=tmp_path / "artifacts")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _waiting(s: Search) -> list[optuna.trial.FrozenTrial]:
+    return s.study.get_trials(states=[optuna.trial.TrialState.WAITING])
+
+
+def _start_and_lose(s: Search, worker: str) -> int:
+    """A trial that a worker took (a queued one first, as Optuna hands them out) and then lost."""
+    t = s.study.ask()
+    s.store.start_trial(study=s.cfg.study, number=t.number, optuna_trial_id=None, worker=worker)
+    return t.number
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat")
+def test_a_dead_worker_is_retried_once_and_an_asked_stop_always(config):
+    s = Search(config)
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    try:
+        first = _start_and_lose(s, dead)
+        reason = s.recover()[first]
+        assert "died mid-trial" in reason and "parameters queued again (retry 1 of 1)" in reason
+        (queued,) = _waiting(s)
+        assert queued.system_attrs["retry_history"] == [first]
+
+        again = _start_and_lose(s, dead)  # the retry dies too: the limit (max_retry=1) is reached
+        assert again == queued.number
+        reason = s.recover()[again]
+        assert "not queued again" in reason and "already retried 1 time" in reason
+        assert not _waiting(s)
+        assert s.store.get_trial(study="policy", number=again).failure_reason.endswith(reason)
+
+        # Ctrl-C / SIGTERM: queued again whatever the history, and not counted as a retry
+        stopped = _start_and_lose(s, worker_id())
+        s._interrupted(TrialRecord(number=stopped, stage="train"))
+        (requeued,) = _waiting(s)
+        assert requeued.system_attrs == {"failed_trial": stopped, "retry_history": []}
+        assert "queued again" in s.store.get_trial(study="policy", number=stopped).failure_reason
+    finally:
+        s.close()
+
+
+def test_a_search_whose_trials_all_fail_with_the_same_bug_stops_with_it(config, monkeypatch):
+    def broken(*args, **kwargs):
+        raise AttributeError("'Trial' object has no attribute 'set_constraint'")
+
+    monkeypatch.setattr(trial_module, "_measure", broken)
+    s = Search(config)
+    try:
+        with pytest.raises(SearchBroken, match=r"in a row failed the same way.*AttributeError.*set_constraint"):
+            s.run(n_trials=10)
+        failed = [t for t in s.store.trials(study="policy") if t.state == "failed"]
+        assert len(failed) == SAME_BUG_LIMIT
+    finally:
+        s.close()
+    # a run too short to reach the limit, all of whose trials failed so, must not end as a success
+    s = Search(SearchConfig(**{**config.__dict__, "study": "policy-short"}))
+    try:
+        with pytest.raises(SearchBroken):
+            s.run(n_trials=2)
+    finally:
+        s.close()
+
+
+def test_failures_that_are_the_architectures_do_not_stop_the_search(config, monkeypatch):
+    from nas.stages.measure import MeasurementError
+
+    def out_of_memory(*args, **kwargs):
+        raise MeasurementError("the measuring process was killed (out of memory?)")
+
+    monkeypatch.setattr(trial_module, "_measure", out_of_memory)
+    s = Search(config)
+    try:
+        counts = s.run(n_trials=SAME_BUG_LIMIT + 1)
+    finally:
+        s.close()
+    assert counts["failed"] == SAME_BUG_LIMIT + 1
+
+
+def test_a_budget_whose_figure_was_not_taken_fails_the_trial_instead_of_passing(config, monkeypatch):
+    from nas.spec.results import LatencyStats, Measurement
+
+    def no_peak(spec, env, scratch):
+        m = Measurement(arch_id=spec.arch_id, profile=env.profile.name, bitwidth=spec.bitwidth,
+                        label="measured:local", prefill=LatencyStats.of_median(1.0),
+                        decode=LatencyStats.of_median(0.1), peak_memory_bytes=None, model_bytes=1000)
+        return m, env.store.add_measurement(m).id, None
+
+    monkeypatch.setattr(trial_module, "_measure", no_peak)
+    s = Search(config)
+    try:
+        counts = s.run(n_trials=1)
+        (t,) = [t for t in s.store.trials(study="policy") if t.failed_stage != "sample"]
+    finally:
+        s.close()
+    assert counts["failed"] == 1 and t.failed_stage == "measure"
+    assert "peak_memory_mb budget cannot be judged" in t.failure_reason and t.val_bpb is None
+
+
+def test_the_measuring_process_reports_no_peak_memory_without_proc(monkeypatch):
+    from pathlib import Path
+
+    from nas.stages import measure_worker
+
+    def no_proc(self, *args, **kwargs):
+        raise FileNotFoundError(str(self))
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    assert measure_worker._status_bytes("VmHWM") is None
