@@ -135,3 +135,36 @@ def test_the_measuring_process_reports_no_peak_memory_without_proc(monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", no_proc)
     assert measure_worker._status_bytes("VmHWM") is None
+
+
+def test_a_stage_past_its_deadline_fails_the_trial_and_the_search_goes_on(config, monkeypatch):
+    import dataclasses
+    import time
+
+    from nas.stages import export
+
+    def hang(*args, **kwargs):
+        while True:  # an export that never returns, as one did for 23 minutes on a loaded machine
+            time.sleep(0.01)
+
+    monkeypatch.setattr(export, "export_spec", hang)
+    # a deadline of a few milliseconds: the hang above is ended by it, whatever the machine's speed
+    s = Search(dataclasses.replace(config, stage_deadline_factor=0.001))
+    try:
+        counts = s.run(n_trials=2)
+        trials = [t for t in s.store.trials(study="policy") if t.failed_stage != "sample"]
+    finally:
+        s.close()
+    assert counts["failed"] == 2 and len(trials) == 2
+    assert all(t.failed_stage == "measure" and "ran past its deadline" in t.failure_reason for t in trials)
+
+
+def test_a_deadline_that_is_met_leaves_no_alarm_behind():
+    import signal
+
+    from nas.search.deadline import deadline
+
+    before = signal.getsignal(signal.SIGALRM)
+    with deadline(60.0, "a quick stage"):
+        pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is before

@@ -79,7 +79,7 @@ def measure_deployed(
     model_dir: Path,
     profile: HardwareProfile,
     *,
-    host: Host,
+    host: Host | None,
     require_measured: bool = False,
     ray_measure: Callable[[ArchSpec, Path, HardwareProfile], Measurement] | None = None,
     notify: Callable[[str], None] | None = None,
@@ -101,5 +101,7 @@ def measure_deployed(
                    f"figures for {profile.name} are estimated:roofline, not measured")
     elif require_measured:
         raise NotMeasurable(f"profile {profile.name!r} can only be estimated (measurement.where: estimate)")
+    if host is None:
+        raise ValueError(f"profile {profile.name!r} is estimated from this host: pass the calibrated host")
     here = measure_local(model_dir, spec, profile, runtime=host.profile)
     return estimate(here, spec, profile, host.cal, corrections=host.corrections(profile))

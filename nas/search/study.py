@@ -175,6 +175,8 @@ class Search:
         if cfg.sampler not in SAMPLERS:
             raise NasError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         check_study_name(cfg.study)  # it names the artifacts folder: never a path out of it
+        if not cfg.stage_deadline_factor > 0:
+            raise NasError(f"stage_deadline_factor must be > 0, got {cfg.stage_deadline_factor}")
         from nas.stages.data import load_corpus
 
         self.cfg = cfg

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, NoReturn
 import optuna
 
 from nas.search.config import SearchConfig, SearchEvents
+from nas.search.deadline import deadline, stage_deadline_s
 from nas.search.pipeline import Host, host_setup, measure_deployed
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
@@ -242,8 +243,11 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
                                      labels=labels, workload=workload)
     if row is not None:
         return row.to_measurement(), row.id, None
-    host = env.resources.calibrated_host()
-    exported = export_spec(spec, scratch, model=fresh_distinct_model(spec))
+    # Only an estimate needs this host's calibration (the roofline scales its measurement).
+    host = env.resources.calibrated_host() if profile.measurement.where != "local" else None
+    with deadline(stage_deadline_s("export", spec, cfg.stage_deadline_factor), "export and quantize"):
+        exported = export_spec(spec, scratch, model=fresh_distinct_model(spec), progress=_step(env, "measure"))
+    env.events.stage_step("measure", "measuring" if profile.measurement.where == "local" else "measuring the host")
     try:
         m = measure_deployed(spec, exported.path.parent, profile, host=host, require_measured=cfg.require_measured,
                              ray_measure=env.ray_measure, notify=env.resources.note_once)
@@ -274,11 +278,19 @@ def _trial_dir(cfg: SearchConfig, n: int) -> Path:
 def _score(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
            env: TrialEnv) -> tuple[BpbResult, str]:
     threads = env.resources.host.profile.runtime.threads if env.resources.host else 2
-    return score_trained(spec, model, tc, trial_dir, env.train, template=template, threads=threads)
+    with deadline(stage_deadline_s("score", spec, env.cfg.stage_deadline_factor), "export and BPB scoring"):
+        return score_trained(spec, model, tc, trial_dir, env.train, template=template, threads=threads,
+                             progress=_step(env, "score"))
+
+
+def _step(env: TrialEnv, stage: str) -> Callable[[str], None]:
+    """What a stage's steps report (export, quantize: seconds each), shown beside the stage."""
+    return lambda step: env.events.stage_step(stage, step)
 
 
 def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: Path, train: TrainConfig, *,
-                  template: Path | None = None, threads: int = 2) -> tuple[BpbResult, str]:
+                  template: Path | None = None, threads: int = 2,
+                  progress: Callable[[str], None] | None = None) -> tuple[BpbResult, str]:
     """The score stage: save the trained weights with their spec (``out_dir/model.pt``), export the
     deployed graph at the spec's bitwidth (``out_dir/onnx``: ``template``'s graph with these
     weights written in, else a new trace) and its BPB in ONNX Runtime. Returns the BPB and how the
@@ -293,7 +305,9 @@ def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: 
     torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "train_config": train.model_dump()},
                out_dir / "model.pt")
     like = load_exported(template) if template is not None else None  # measured in this trial
-    exported = export_spec(spec, out_dir / "onnx", model=model, like=like)
+    exported = export_spec(spec, out_dir / "onnx", model=model, like=like, progress=progress)
+    if progress is not None:
+        progress("BPB in ONNX Runtime")
     return score_bpb_onnx(exported, tc, train.eval_tokens, threads=threads), exported.made_by
 
 

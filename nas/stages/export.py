@@ -49,7 +49,7 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -614,13 +614,14 @@ def _check_logits(exported: ExportedModel, m: Decoder, atol: float) -> None:
 
 
 def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, seed: int = 0,
-                like: ExportedModel | None = None) -> ExportedModel:
+                like: ExportedModel | None = None, progress: Callable[[str], None] | None = None) -> ExportedModel:
     """Export ``model`` (or a fresh one built from ``spec`` and ``seed``) and quantize it to
     ``spec.bitwidth``: the deployed model in ``out_dir``, its fp32 source in ``out_dir/fp32``.
 
     ``like``: an earlier ``export_spec`` of the same spec (its files still on disk) whose graph
     takes ``model``'s weights (``reweight``) instead of a new trace; if it cannot, the model is
-    traced as without it."""
+    traced as without it. ``progress`` hears which step is running (they take seconds each)."""
+    say = progress or (lambda step: None)
     if spec.bitwidth not in BITWIDTHS:
         raise ExportError(f"bitwidth must be one of {list(BITWIDTHS)}, got {spec.bitwidth!r}")
     if model is None:
@@ -631,13 +632,18 @@ def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, 
     fp32_dir = out_dir if spec.bitwidth == 32 else out_dir / "fp32"
     fp32 = None
     if like is not None:
+        say("writing the weights into the measured graph")
         try:
             fp32 = reweight(fp32_source(like), model, fp32_dir)
         except (ExportError, OSError, onnx.checker.ValidationError) as e:
             logging.getLogger(__name__).info("tracing again: %s", e)
     if fp32 is None:
+        say("tracing the model to ONNX")
         fp32 = export_onnx(model, fp32_dir)
-    return fp32 if spec.bitwidth == 32 else quantize(fp32, spec.bitwidth, out_dir)
+    if spec.bitwidth == 32:
+        return fp32
+    say(f"quantizing to {spec.bitwidth} bits")
+    return quantize(fp32, spec.bitwidth, out_dir)
 
 
 def fp32_source(deployed: ExportedModel) -> ExportedModel:

@@ -258,6 +258,9 @@ class _RichEvents(SearchEvents):
     def stage(self, number: int, stage: str, detail: str) -> None:
         self.p.update(self.current, info=f"{stage}: {detail}" if detail else stage)
 
+    def stage_step(self, stage: str, step: str) -> None:
+        self.p.update(self.current, info=f"{stage}: {step}")
+
     def train_progress(self, number: int, step: int, total: int, loss: float) -> None:
         self.p.update(self.current, completed=step, total=total, info=f"train: loss {loss:.3f}")
 
