@@ -73,8 +73,11 @@ def test_a_hung_measurement_times_out_and_is_killed(exported: Path):
     with pytest.raises(MeasurementError, match=r"timed out after 1\.5 s"):
         measure_local(exported, SPEC, load_profile("host"), timeout_s=1.5, warmup=1, repeats=10**6,
                       max_phase_seconds=1e6)
-    out = subprocess.run(["pgrep", "-f", "nas.stages.measure_worker"], capture_output=True, text=True)
-    assert out.stdout.strip() == ""  # the worker's whole process group is gone
+    # the worker's whole process group is gone; only this test's worker is looked for (its
+    # command line names this test's model folder), not those of other runs on the machine
+    mine = f"nas.stages.measure_worker.*{exported.resolve()}"
+    out = subprocess.run(["pgrep", "-f", mine], capture_output=True, text=True)
+    assert out.stdout.strip() == ""
 
 
 def test_an_unavailable_execution_provider_is_named(exported: Path):
