@@ -175,3 +175,32 @@ def test_nas_trial_scores_the_deployed_model_as_the_search_does(tmp_path):
     assert out["val_bpb"] != out["torch_fp32_bpb"]  # the int8 file, not the torch model, was scored
     bad = subprocess.run([*cmd[:-3], "--tokens", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_run_stopped_at_a_rung_and_resumed_equals_an_uninterrupted_one(stdlib_512, tmp_path):
+    # the schedule is the whole budget's; stopping at a third and resuming from the saved state
+    # (through a file, as another process would) must give the very same weights and curve
+    from nas.stages.train import TrainState, train_until
+
+    cfg = CFG.model_copy(update={"tokens": 9 * 8 * 64, "batch_size": 8, "log_every": 2})
+    spec = tiny_spec()
+    whole, whole_result, _ = train_until(spec, stdlib_512, cfg)
+    _, first, state = train_until(spec, stdlib_512, cfg, until_tokens=cfg.tokens // 3)
+    assert first.steps == 3 and state.step == 3
+    state.save(tmp_path / "state.pt")
+    resumed, result, end = train_until(spec, stdlib_512, cfg, resume=TrainState.load(tmp_path / "state.pt"))
+    assert result.steps == whole_result.steps == 9 and end.step == 9
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [(p.step, p.loss, p.lr) for p in result.curve] == [(p.step, p.loss, p.lr) for p in whole_result.curve]
+    # a state is refused by another spec or another budget
+    with pytest.raises(TrainingError, match="another spec or training config"):
+        train_until(spec, stdlib_512, cfg.model_copy(update={"tokens": cfg.tokens * 2}), resume=state)
+
+
+def test_a_torn_training_state_is_refused_with_its_path(tmp_path):
+    from nas.stages.train import TrainState
+
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="cannot read the training state"):
+        TrainState.load(tmp_path / "state.pt")

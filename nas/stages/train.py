@@ -12,10 +12,14 @@ depend on how many bytes a vocabulary packs into a token, so vocabularies compar
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import TrainingError
 from nas.spec.settings import TrainConfig
-from nas.stages.data import TokenizedCorpus, stack_windows, train_batches, val_windows
+from nas.stages.data import TokenizedCorpus, WindowSampler, stack_windows, val_windows
 from nas.stages.model import Decoder, build_model
 
 
@@ -115,6 +119,47 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
 ProgressFn = Callable[[CurvePoint, int], None]
 """Called every cfg.log_every steps with the latest point and the total step count."""
 
+CHECKPOINT_FORMAT = "nas-train-state-v1"
+
+
+@dataclass
+class TrainState:
+    """Where a brief training stands after some steps: everything a later call needs to go on
+    as if it had never stopped (the schedule is defined on the whole budget, ``cfg.tokens``, so a
+    run stopped at a rung and continued equals one that was not stopped)."""
+
+    spec: dict
+    cfg: dict
+    step: int
+    model: dict
+    optimizer: dict
+    sampler: dict
+    torch_rng: torch.Tensor
+    curve: list[CurvePoint]
+    window: list[float]
+    """Losses since the last logged point, so the next point averages the same steps."""
+    seconds: float
+    """Training seconds spent so far, over every call."""
+
+    def save(self, path: Path) -> Path:
+        """Write the state atomically (a resumed trial must never read a torn file)."""
+        from nas.spec.files import atomic_write
+
+        payload = {"format": CHECKPOINT_FORMAT, **dataclasses.asdict(self)}
+        payload["curve"] = [dataclasses.astuple(p) for p in self.curve]
+        return atomic_write(path, lambda f: torch.save(payload, f), fsync=True)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise TrainingError(f"{path}: cannot read the training state: {e}") from None
+        if not isinstance(d, dict) or d.pop("format", None) != CHECKPOINT_FORMAT:
+            raise TrainingError(f"{path}: not a training state of this version")
+        d["curve"] = [CurvePoint(*p) for p in d["curve"]]
+        return cls(**d)
+
 
 def train_brief(
     spec: ArchSpec,
@@ -126,15 +171,40 @@ def train_brief(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Decoder, TrainResult]:
-    """Train a fresh model (or ``model``) of ``spec`` for the budget in ``cfg``.
+    """Train a fresh model (or ``model``) of ``spec`` for the whole budget in ``cfg``.
 
     ``should_stop`` is asked before every step; when it answers True training stops at once
     with KeyboardInterrupt (a requested stop of the whole run, not a result)."""
+    model, result, _ = train_until(spec, data, cfg, model=model, device=device, progress=progress,
+                                   should_stop=should_stop)
+    return model, result
+
+
+def train_until(
+    spec: ArchSpec,
+    data: TokenizedCorpus,
+    cfg: TrainConfig,
+    *,
+    until_tokens: int | None = None,
+    resume: TrainState | None = None,
+    model: Decoder | None = None,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[Decoder, TrainResult, TrainState]:
+    """Train ``spec`` on the schedule of the whole budget ``cfg.tokens``, stopping after
+    ``until_tokens`` (a rung; None: the whole budget), from ``resume`` when given.
+
+    The learning-rate schedule, the data order and the optimizer's state depend only on the
+    step, so stopping at a rung and resuming from the returned state gives the very weights an
+    uninterrupted run reaches. The result covers every step so far (resumed ones included)."""
     if data.vocab_size != spec.vocab_size:
         raise TrainingError(f"corpus tokenized with vocab {data.vocab_size}, spec wants {spec.vocab_size}")
     T = spec.context_length
     if len(data.train_ids) <= T + 1:
         raise TrainingError(f"training split has {len(data.train_ids)} tokens, fewer than one window of {T + 1}")
+    if (until_tokens is not None or resume is not None) and cfg.seconds is not None:
+        raise TrainingError("a time budget cannot be stopped at a rung and resumed: its schedule follows the clock")
     if model is None:
         model = build_model(spec, seed=cfg.seed)
     model.to(device).train()
@@ -142,16 +212,30 @@ def train_brief(
 
     tokens_per_step = cfg.batch_size * T
     total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
+    end_step = total_steps
+    if until_tokens is not None:
+        end_step = min(total_steps, max(1, math.ceil(until_tokens / tokens_per_step)))
     warmup_steps = max(1, round(total_steps * cfg.warmup_tokens_frac))
     opt = make_optimizer(model, cfg)
-    batches = train_batches(data.train_ids, cfg.batch_size, T, seed=cfg.seed)
+    sampler = WindowSampler(data.train_ids, cfg.batch_size, T, seed=cfg.seed)
 
     curve: list[CurvePoint] = []
     window: list[float] = []
+    first_step, seconds_before = 0, 0.0
+    if resume is not None:
+        if resume.spec != spec.to_dict() or resume.cfg != cfg.model_dump():
+            raise TrainingError("the training state was made for another spec or training config")
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        sampler.restore(resume.sampler)
+        torch.set_rng_state(resume.torch_rng)
+        first_step, seconds_before = resume.step, resume.seconds
+        curve, window = list(resume.curve), list(resume.window)
     start = time.perf_counter()
     stopped_by = "tokens"
-    step = 0
-    for step in range(total_steps):
+    step = first_step
+    lr = lr_at(step, total_steps, warmup_steps, cfg)
+    for step in range(first_step, end_step):
         elapsed = time.perf_counter() - start
         time_progress = None
         if cfg.seconds is not None:
@@ -163,7 +247,7 @@ def train_brief(
         lr = lr_at(step, total_steps, warmup_steps, cfg, time_progress)
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt
-        x_np, y_np = next(batches)
+        x_np, y_np = sampler.next()
         x = torch.from_numpy(x_np).to(device, non_blocking=True)
         y = torch.from_numpy(y_np).to(device, non_blocking=True)
         loss_value = train_step(model, opt, x, y, lr=lr, grad_clip=cfg.grad_clip, use_bf16=use_bf16,
@@ -172,24 +256,40 @@ def train_brief(
         window.append(loss_value)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             point = CurvePoint(step + 1, (step + 1) * tokens_per_step, float(np.mean(window)), lr,
-                               time.perf_counter() - start)
+                               seconds_before + time.perf_counter() - start)
             curve.append(point)
             window.clear()
             if progress is not None:
                 progress(point, total_steps)
     else:
-        step = total_steps  # the loop ran to the end
+        step = end_step  # the loop ran to its end
 
     steps_done = step
-    if window:  # a time budget stopped us between logging points
-        curve.append(CurvePoint(steps_done, steps_done * tokens_per_step, float(np.mean(window)), lr,
-                                time.perf_counter() - start))
-    seconds = time.perf_counter() - start
+    seconds = seconds_before + time.perf_counter() - start
+    state = TrainState(spec=spec.to_dict(), cfg=cfg.model_dump(), step=steps_done,
+                       model={k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()},
+                       optimizer=_cpu(opt.state_dict()), sampler=sampler.state(), torch_rng=torch.get_rng_state(),
+                       curve=list(curve), window=list(window), seconds=seconds)
+    shown = list(curve)
+    if window:  # stopped between logging points (a rung or a time budget): show where it ended
+        shown.append(CurvePoint(steps_done, steps_done * tokens_per_step, float(np.mean(window)), lr, seconds))
     tokens = steps_done * tokens_per_step
     return model, TrainResult(
         steps=steps_done, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
-        final_loss=curve[-1].loss if curve else float("nan"), stopped_by=stopped_by, curve=tuple(curve),
-    )
+        final_loss=shown[-1].loss if shown else float("nan"), stopped_by=stopped_by, curve=tuple(shown),
+    ), state
+
+
+def _cpu(obj: Any) -> Any:
+    """A deep copy of an optimizer state with every tensor on the CPU (a state must outlive the
+    model it came from, and load on a machine without the GPU it was made on)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 @torch.no_grad()
