@@ -272,3 +272,64 @@ def test_sigterm_stops_cleanly_and_queues_the_running_trial_again(env, tmp_path)
     ostudy = optuna.load_study(study_name="tiny-host", storage=db)
     waiting = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].system_attrs.get("failed_trial") == stopped[0].number
+
+
+RUNGS = ["--space", "tiny", "--max-bytes", "300000", "--rungs", "3", "--eta", "3"]
+
+
+def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", *RUNGS, "--tokens", "36864", "--device", "host", "--trials", "5", "--db", db], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rung 1 (4,096 tokens): BPB" in r.stdout and "goes on" in r.stdout
+    ostudy = optuna.load_study(study_name="tiny-host", storage=db)
+    by_number = {t.number: t for t in ostudy.trials}
+    with Store(db) as store:
+        complete = [t for t in store.trials(study="tiny-host") if t.state == "complete"]
+        assert len(complete) >= 3
+        reached = {}
+        for t in complete:
+            rungs = store.trial_rungs(study="tiny-host", number=t.number)
+            assert [g.rung for g in rungs] == list(range(t.train["rung"] + 1))  # in order, none skipped
+            budgets = [4096, 12288, 36864][: len(rungs)]
+            assert [g.tokens for g in rungs] == t.train["rung_tokens"][: len(rungs)] == budgets
+            assert t.val_bpb == rungs[-1].val_bpb and t.train["tokens"] == rungs[-1].tokens
+            # each rung's BPB is an Optuna intermediate value of the trial, at step = tokens
+            assert by_number[t.number].intermediate_values == {g.tokens: g.val_bpb for g in rungs}
+            reached[t.number] = t.train["rung"]
+    first = min(reached)
+    assert reached[first] == 2  # the first trial at a rung has no one to lose to
+    assert min(reached.values()) < 2, reached  # and with 5 trials, some stopped below the top
+    r = nas(["search", *RUNGS[:-4], "--rungs", "1", "--tokens", "36864", "--device", "host", "--trials", "1",
+             "--db", db], env, tmp_path)
+    assert r.returncode == 2 and "rungs" in r.stderr  # a study keeps its rungs
+
+
+def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    args = ["search", *RUNGS, "--tokens", "331776", "--device", "host", "--db", db, "--artifacts", "art"]
+    proc = subprocess.Popen([sys.executable, "-m", "nas", *args, "--trials", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "art" / "tiny-host" / "checkpoints"
+    try:
+        # the first trial always goes on from rung 1: its checkpoint appears, then it trains on
+        _wait_for(lambda: any(checkpoints.glob("*.json")), 600, "a checkpoint after the first rung")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Store(db) as store:
+        (killed,) = [t for t in store.trials(study="tiny-host") if t.state == "running"]
+        before = [(g.rung, g.tokens, g.val_bpb) for g in store.trial_rungs(study="tiny-host", number=killed.number)]
+    assert before and before[0][0] == 0
+    r = nas([*args, "--trials", "1"], env, tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "from its rung" in r.stdout and "checkpoint" in r.stdout
+    with Store(db) as store:
+        retry = next(t for t in store.trials(study="tiny-host")
+                     if t.number > killed.number and t.arch_id == killed.arch_id)
+        after = [(g.rung, g.tokens, g.val_bpb) for g in store.trial_rungs(study="tiny-host", number=retry.number)]
+        assert retry.state == "complete"
+    assert after[: len(before)] == before  # the finished rungs were kept, not trained again
+    assert not list(checkpoints.glob("*"))  # a finished trial leaves no checkpoint behind

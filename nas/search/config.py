@@ -42,6 +42,11 @@ class SearchConfig:
     grace_s: int = 60
     max_retry: int = 1
     """How often a trial whose worker died is tried again."""
+    rungs: int = 1
+    """Rungs of successive halving on the training budget (``nas.search.rungs``): 1 trains every
+    trial on the whole budget; 3 scores at 1/9, 1/3 and all of it, a trial going on only while in
+    the top 1/eta at its rung."""
+    eta: int = 3
     stage_deadline_factor: float = 10.0
     """The export and score stages fail a trial past this many times their normal cost
     (``nas.search.deadline``)."""

@@ -38,6 +38,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from nas.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchEvents
+from nas.search.rungs import RungPlan
 from nas.search.trial import INTERNAL, RayMeasure, Resources, TrialEnv, TrialFailed, TrialRecord, run_trial
 from nas.spec.errors import NasError
 from nas.spec.profile import HardwareProfile, load_profile
@@ -175,6 +176,8 @@ class Search:
         if cfg.sampler not in SAMPLERS:
             raise NasError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         check_study_name(cfg.study)  # it names the artifacts folder: never a path out of it
+        if cfg.rungs < 1 or cfg.eta < 2:
+            raise NasError(f"--rungs must be >= 1 and --eta >= 2, got {cfg.rungs} and {cfg.eta}")
         if not cfg.stage_deadline_factor > 0:
             raise NasError(f"stage_deadline_factor must be > 0, got {cfg.stage_deadline_factor}")
         from nas.stages.data import load_corpus
@@ -195,6 +198,9 @@ class Search:
         self._storage = _optuna_storage(cfg)
         self.study = self._open_study()
         self._study_id = self._storage.get_study_id_from_name(cfg.study)
+        if cfg.rungs > 1 and self.train.seconds is not None:
+            raise NasError("rungs need a token budget: the space's training sets seconds, which a rung cannot split")
+        self.rungs = RungPlan(self.train.tokens, count=cfg.rungs, eta=cfg.eta)
         self.ray_measure: RayMeasure | None = None
         """Set by the Ray executor (nas.search.ray_executor) where a node advertises the
         profile's resource: the measure stage then runs on that node, labelled with it."""
@@ -209,7 +215,8 @@ class Search:
         """What a study is defined by: a resume or a second worker must bring the same."""
         return {"space": self.space.name, "profile": self.profile.name,
                 "corpus_fingerprint": self.resources.corpus.fingerprint, "train_config": self.train.model_dump(),
-                "objectives": list(self.cfg.objectives), "seed": self.cfg.seed}
+                "objectives": list(self.cfg.objectives), "seed": self.cfg.seed,
+                "rungs": {"count": self.cfg.rungs, "eta": self.cfg.eta}}
 
     def _open_study(self) -> optuna.Study:
         """Create the study, or join it with the same settings (resume, or a second worker)."""
@@ -231,7 +238,8 @@ class Search:
                 optuna_study_id=self._storage.get_study_id_from_name(cfg.study),
                 corpus_fingerprint=settings["corpus_fingerprint"], train_config=settings["train_config"],
                 seed=cfg.seed, code_version=code_version(),
-                extra={"sampler": cfg.sampler, "data": cfg.data or "stdlib", "max_bytes": cfg.max_bytes},
+                extra={"sampler": cfg.sampler, "data": cfg.data or "stdlib", "max_bytes": cfg.max_bytes,
+                       "rungs": settings["rungs"]},
             )  # fmt: skip
         except StoreError:
             # Another worker created it a moment ago: join it if it has our settings.
@@ -244,13 +252,20 @@ class Search:
     def _check_same(self, existing: StudyRow, settings: dict[str, Any]) -> None:
         theirs = {"space": existing.space, "profile": existing.profile,
                   "corpus_fingerprint": existing.corpus_fingerprint, "train_config": existing.train_config,
-                  "objectives": [o.name for o in existing.objectives], "seed": existing.seed}
+                  "objectives": [o.name for o in existing.objectives], "seed": existing.seed,
+                  # a study made before rungs existed trained every trial on the whole budget
+                  "rungs": existing.extra.get("rungs", {"count": 1, "eta": 3})}
         for key, value in theirs.items():
             if value != settings[key]:
                 raise NasError(
                     f"study {self.cfg.study!r} was created with {key} = {value!r}, this run has {settings[key]!r}: "
                     f"resume it with the same settings or choose another --study name"
                 )
+
+    def _report_rung(self, number: int, tokens: int, bpb: float) -> None:
+        """A rung's BPB as an intermediate value of the running Optuna trial, at step = tokens
+        (``Trial.report`` refuses multi-objective studies; the storage takes the value)."""
+        self._storage.set_trial_intermediate_value(self._trial_id(number), tokens, bpb)
 
     def _trial_id(self, number: int) -> int:
         return self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
@@ -367,7 +382,8 @@ class Search:
         record = TrialRecord()
         env = TrialEnv(cfg=self.cfg, space=self.space, profile=self.profile, train=self.train, store=self.store,
                        events=self.events, stop=self.stop, resources=self.resources, worker=worker_id(),
-                       optuna_trial_id=self._trial_id, ray_measure=self.ray_measure)
+                       optuna_trial_id=self._trial_id, rungs=self.rungs, report_rung=self._report_rung,
+                       ray_measure=self.ray_measure)
         try:
             self.study.optimize(lambda trial: run_trial(trial, env, record), n_trials=1, catch=(TrialFailed,),
                                 gc_after_trial=False)

@@ -24,6 +24,7 @@ made-up figure for it. Its user attribute ``infeasible`` says why; an invalid dr
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 import time
@@ -38,8 +39,10 @@ import optuna
 from nas.search.config import SearchConfig, SearchEvents
 from nas.search.deadline import deadline, stage_deadline_s
 from nas.search.pipeline import Host, host_setup, measure_deployed
+from nas.search.rungs import RungPlan
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
+from nas.spec.files import atomic_write
 from nas.spec.profile import HardwareProfile, analytic_budget_check, min_model_bytes, min_peak_memory_bytes
 from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, Measurement, measured_on
 from nas.spec.settings import TrainConfig
@@ -49,7 +52,7 @@ from nas.store import Store
 if TYPE_CHECKING:
     from nas.stages.data import Corpus, TokenizedCorpus
     from nas.stages.model import Decoder
-    from nas.stages.train import BpbResult, TrainResult
+    from nas.stages.train import BpbResult, TrainResult, TrainState
 
 MIB = 2**20
 RayMeasure = Callable[[ArchSpec, Path, HardwareProfile], Measurement]
@@ -69,6 +72,7 @@ class TrialRecord:
     state: str = "failed"
     reason: str = ""
     """Why it failed, was infeasible or invalid; empty when it completed."""
+    arch_id: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -129,6 +133,10 @@ class TrialEnv:
     resources: Resources
     worker: str
     optuna_trial_id: Callable[[int], int]
+    rungs: RungPlan | None = None
+    """Where training is scored and may stop (None: one rung, the whole budget)."""
+    report_rung: Callable[[int, int, float], None] = lambda number, tokens, bpb: None
+    """Records a rung's BPB where Optuna keeps intermediate values (trial number, tokens, BPB)."""
     ray_measure: RayMeasure | None = None
     """Set by the Ray executor where a node advertises the profile's resource: the measure stage
     then runs on that node, labelled with it."""
@@ -188,20 +196,16 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
                 why = ", ".join(f"{k} over by {constraints[k]:.3g}" for k in over)
                 _infeasible(trial, env, record, spec, "measure", f"{why} ({m.label})", constraints, measurement_id)
 
-            clock.enter("train", f"{env.train.tokens:,} tokens")
             tc = env.resources.tokenized(spec.vocab_size)
-            model, result = _train(spec, tc, env, n)
-
-            clock.enter("score", "export, quantize, BPB in ONNX Runtime")
             trial_dir = _trial_dir(cfg, n)
-            bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
+            trained = _train_and_score(spec, m, tc, trial_dir, template, env, clock)
 
             clock.enter("report")
-            return _complete(trial, env, record, spec, m, measurement_id, constraints,
-                             result=result, bpb=bpb, made_by=made_by, trial_dir=trial_dir)
+            return _complete(trial, env, record, spec, m, measurement_id, constraints, trained, trial_dir)
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as e:
+            _drop_checkpoint(_checkpoint_path(cfg, record.arch_id))  # nothing to resume from a failure
             reason = str(e) if isinstance(e, NasError) else _bug_reason(e)
             env.store.fail_trial(study=cfg.study, number=n, stage=record.stage, reason=reason)
             trial.set_user_attr("failure", f"{record.stage}: {reason}")
@@ -222,6 +226,7 @@ def _sample(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> ArchSpec
         raise optuna.TrialPruned(str(e)) from None
     env.store.upsert_architecture(spec=spec)
     env.store.update_trial(study=env.cfg.study, number=trial.number, arch_id=spec.arch_id)
+    record.arch_id = spec.arch_id
     trial.set_user_attr("arch_id", spec.arch_id)
     trial.set_user_attr("summary", spec.summary())
     trial.set_user_attr("params", spec.params())
@@ -259,14 +264,135 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     return m, env.store.add_measurement(m).id, scratch
 
 
-def _train(spec: ArchSpec, tc: TokenizedCorpus, env: TrialEnv, n: int) -> tuple[Decoder, TrainResult]:
-    from nas.stages.train import train_brief
+@dataclass
+class Trained:
+    """What the train and score stages leave: the result of training so far, the BPB of the
+    deployed model at the rung where the trial stopped, how that file was made, and the rung."""
+
+    result: TrainResult
+    bpb: BpbResult
+    made_by: str
+    rung: int
+    rung_tokens: list[int]
+
+
+def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
+                     env: TrialEnv, clock: _StageClock) -> Trained:
+    """Train and score rung by rung (one rung: the whole budget, as a plain search). After each
+    rung below the top, the trial goes on only if it ranks in the top 1/eta of the study's trials
+    at that rung (``nas.search.rungs``). Each finished rung is saved (weights, optimizer, data
+    position, its BPB) under the study's checkpoints, so that a trial killed on the way is
+    resumed from its last finished rung by the retry of the same architecture."""
+
+    plan = env.rungs or RungPlan(env.train.tokens)
+    budgets = plan.tokens()
+    n = clock.record.number
+    assert n is not None
+    ckpt = _checkpoint_path(env.cfg, spec.arch_id)
+    state, done = _finished_rungs(ckpt, spec, env)
+    for r in done:  # a killed trial's finished rungs, under this trial's number
+        env.store.record_rung(study=env.cfg.study, number=n, **r)
+        env.report_rung(n, r["tokens"], r["val_bpb"])
+    if done and (len(done) == plan.count or not _goes_on(spec, m, env, n, len(done) - 1, done[-1]["val_bpb"])):
+        # resumed at a rung where it now stops: its saved weights are that rung's
+        model, result, _ = _train(spec, tc, env, n, until=done[-1]["tokens"], resume=state)
+        clock.enter("score", "export, quantize, BPB in ONNX Runtime")
+        bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
+        _drop_checkpoint(ckpt)
+        return Trained(result, bpb, made_by, len(done) - 1, budgets)
+    for k in range(len(done), plan.count):
+        clock.enter("train", f"{budgets[k]:,} tokens" if plan.count == 1 else
+                    f"rung {k + 1} of {plan.count}: to {budgets[k]:,} tokens")
+        model, result, state = _train(spec, tc, env, n, until=budgets[k] if plan.count > 1 else None, resume=state)
+        clock.enter("score", "export, quantize, BPB in ONNX Runtime")
+        bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
+        if plan.count > 1:
+            done.append({"rung": k, "tokens": result.tokens, "val_bpb": bpb.bpb, "seconds": round(result.seconds, 3)})
+            env.store.record_rung(study=env.cfg.study, number=n, **done[-1])
+            env.report_rung(n, result.tokens, bpb.bpb)
+        if k == plan.top:
+            break
+        state.save(ckpt)
+        atomic_write(ckpt.with_suffix(".json"), json.dumps(done))
+        if not _goes_on(spec, m, env, n, k, bpb.bpb):
+            break
+    _drop_checkpoint(ckpt)
+    return Trained(result, bpb, made_by, k, budgets)
+
+
+def _finished_rungs(ckpt: Path, spec: ArchSpec, env: TrialEnv) -> tuple[TrainState | None, list[dict]]:
+    """The saved state and finished rungs of this architecture in this study, if a trial of it
+    was killed after a rung (and the saved training matches this study's budget), else nothing."""
+    from nas.stages.train import TrainState
+
+    rungs_file = ckpt.with_suffix(".json")
+    if not (ckpt.exists() and rungs_file.exists()):
+        return None, []
+    try:
+        state = TrainState.load(ckpt)
+        done = json.loads(rungs_file.read_text())
+    except (NasError, OSError, json.JSONDecodeError) as e:
+        env.resources.note_once(f"ignoring the checkpoint {ckpt.name}: {e}")
+        return None, []
+    if state.cfg != env.train.model_dump() or state.spec != spec.to_dict() or not done:
+        return None, []
+    if state.step * env.train.batch_size * spec.context_length != done[-1]["tokens"]:
+        return None, []
+    env.events.message(f"resuming {spec.summary()} from its rung {len(done)} checkpoint")
+    return state, done
+
+
+def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, bpb: float) -> bool:
+    """The rung rule for trial ``n`` at ``rung``, against every trial of the study that reached it
+    (failed ones left out: they were killed or broke, and their retries stand for them)."""
+    from nas.search.rungs import decide
+
+    plan = env.rungs
+    assert plan is not None
+    rows = [r for r in env.store.rung_results(study=env.cfg.study, rung=rung) if r.state != "failed" and r.number != n]
+    ids = {r.measurement_id for r in rows if r.measurement_id is not None}
+    figures = {row.id: row.to_measurement().figures() | {"arch_id": row.arch_id}
+               for row in env.store.measurements(ids=ids) if row.ok}
+    peers: dict[int, list[float]] = {}
+    for r in rows:
+        f = figures.get(r.measurement_id)
+        if f is not None:
+            peers[r.number] = [r.val_bpb if o == "val_bpb" else _figure(env, f, o) for o in env.cfg.objectives]
+    mine = m.figures() | {"arch_id": spec.arch_id}
+    peers[n] = [bpb if o == "val_bpb" else _figure(env, mine, o) for o in env.cfg.objectives]
+    d = decide(n, peers, plan.eta)
+    tokens = plan.tokens()[rung]
+    env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, {d}")
+    return d.goes_on
+
+
+def _figure(env: TrialEnv, figures: dict, objective: str) -> float:
+    if objective == "params":
+        return float(env.store.get_architecture(arch_id=figures["arch_id"]).params)
+    value = figures.get(objective)
+    return float("inf") if value is None else float(value)
+
+
+def _checkpoint_path(cfg: SearchConfig, arch_id: str) -> Path:
+    """Where a trial of ``arch_id`` keeps its training between rungs: by architecture, not trial
+    number, so that the retry of a killed trial (same parameters, a new number) finds it."""
+    return Path(cfg.artifacts).resolve() / cfg.study / "checkpoints" / f"{arch_id or 'none'}.pt"
+
+
+def _drop_checkpoint(ckpt: Path) -> None:
+    for f in (ckpt, ckpt.with_suffix(".json")):
+        f.unlink(missing_ok=True)
+
+
+def _train(spec: ArchSpec, tc: TokenizedCorpus, env: TrialEnv, n: int, *, until: int | None = None,
+           resume: TrainState | None = None) -> tuple[Decoder, TrainResult, TrainState]:
+    from nas.stages.train import train_until
 
     def progress(point: object, total: int) -> None:
         env.events.train_progress(n, point.step, total, point.loss)  # type: ignore[attr-defined]
 
-    return train_brief(spec, tc, env.train, device=env.cfg.torch_device, progress=progress,
-                       should_stop=env.stop.is_set)
+    return train_until(spec, tc, env.train, until_tokens=until, resume=resume, device=env.cfg.torch_device,
+                       progress=progress, should_stop=env.stop.is_set)
 
 
 def _trial_dir(cfg: SearchConfig, n: int) -> Path:
@@ -313,9 +439,9 @@ def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: 
 
 # --- the reports ------------------------------------------------------------------------------------
 def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: ArchSpec, m: Measurement,
-              measurement_id: int, constraints: dict[str, float], *, result: TrainResult, bpb: BpbResult,
-              made_by: str, trial_dir: Path) -> list[float]:
+              measurement_id: int, constraints: dict[str, float], trained: Trained, trial_dir: Path) -> list[float]:
     cfg, n = env.cfg, trial.number
+    result, bpb, made_by = trained.result, trained.bpb, trained.made_by
     objectives = objective_values(spec, m, bpb.bpb)
     for key, value in constraints.items():
         trial.set_constraint(key, value)
@@ -328,6 +454,8 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
                # the scored file: the measured graph with the trained weights ("reweighted")
                # or a new trace ("traced": measurement reused from the store, or refused)
                "score_graph": made_by,
+               # the rung whose BPB this is (0-based; the last is the whole budget) and every rung's budget
+               "rung": trained.rung, "rung_tokens": trained.rung_tokens,
                # where the trial's time went, per stage (measure includes export and
                # quantization; score includes the trained model's export)
                "stage_seconds": {k: round(v, 3) for k, v in record.seconds.items()}},

@@ -298,6 +298,13 @@ def search(
     seed: SeedOpt = 0,
     tokens: Annotated[int | None, typer.Option(help="Training budget per trial in tokens (default: the "
                                                "space's).", min=1)] = None,
+    rungs: Annotated[int, typer.Option(help="Successive halving on the training budget: with 3, every trial is "
+                                       "scored at 1/9 of --tokens and goes on to 1/3 and to all of it only "
+                                       "while in the top 1/ETA of the trials at its rung (by non-dominated "
+                                       "sorting of BPB there and the measured objectives). 1: every trial "
+                                       "trains the whole budget.", min=1)] = 1,
+    eta: Annotated[int, typer.Option(help="With --rungs: the budget grows ETA times per rung and the top "
+                                     "1/ETA go on.", min=2)] = 3,
     artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
     = Path("nas_artifacts"),
     require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
@@ -346,7 +353,8 @@ def search(
     name = check_study_name(study) if study is not None else default_study_name(space, device)
     cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
-                       artifacts=artifacts, require_measured=require_measured, torch_device=torch_device)
+                       artifacts=artifacts, require_measured=require_measured, torch_device=torch_device,
+                       rungs=rungs, eta=eta)
     stop = _stop_on_signals()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:

@@ -1,0 +1,126 @@
+"""Rungs: multi-objective asynchronous successive halving on the training budget.
+
+A trial trains to the first rung (a fraction of the study's token budget), is scored, and goes
+on to the next rung only if it ranks in the top ``1/eta`` of every trial of the study that has
+reached that rung, by non-dominated sorting of (BPB at that rung, the measured objectives), ties
+broken by crowding distance (a point in a sparse part of the front is worth more to it) and then
+by who got there first. Latency, memory and size are measured before training, so only BPB has a
+fidelity; the measured figures are the same at every rung.
+
+This is ASHA's "stopping" form (as Ray Tune's ASHA and Optuna's successive-halving pruner run
+it): the decision is taken when a trial reaches a rung, against the trials that reached it
+before, so no worker waits for a cohort, and several local workers or Ray workers share the
+rung results through the store. Optuna has no multi-objective pruner and Ray's schedulers rank
+one metric, so the rule is ours (after Schmucker et al., 2021, "Multi-objective asynchronous
+successive halving"). The first trials at a rung go on (the top 1/eta of one trial is that
+trial): early on, there is nothing to compare with, and stopping them would only waste what
+they cost.
+
+The schedule of every rung is the whole budget's (warm-up and cosine decay over ``tokens``), so
+a trial that goes on continues the very run it would have been, from where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RungPlan:
+    """Where a study's trials are scored: ``count`` rungs, each ``eta`` times the budget of the
+    one before, the last one the whole budget ``top_tokens``. One rung: every trial trains the
+    whole budget (no successive halving)."""
+
+    top_tokens: int
+    count: int = 1
+    eta: int = 3
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.eta < 2 or self.top_tokens < 1:
+            raise ValueError(f"rungs need count >= 1, eta >= 2 and a budget: {self}")
+
+    def tokens(self) -> list[int]:
+        """Each rung's budget in tokens, smallest first."""
+        return [max(1, math.ceil(self.top_tokens / self.eta ** (self.count - 1 - k))) for k in range(self.count)]
+
+    @property
+    def top(self) -> int:
+        return self.count - 1
+
+
+def nondominated_ranks(points: np.ndarray) -> np.ndarray:
+    """Front index of each row (0: not dominated; 1: dominated only by front 0; ...), all
+    objectives minimized. O(n^2) per front: rung peers number in the hundreds at most."""
+    n = len(points)
+    ranks = np.full(n, -1, dtype=int)
+    remaining = np.arange(n)
+    front = 0
+    while remaining.size:
+        sub = points[remaining]
+        # i is dominated if some j is <= everywhere and < somewhere
+        le = (sub[None, :, :] <= sub[:, None, :]).all(axis=2)
+        lt = (sub[None, :, :] < sub[:, None, :]).any(axis=2)
+        dominated = (le & lt).any(axis=1)
+        ranks[remaining[~dominated]] = front
+        remaining = remaining[dominated]
+        front += 1
+    return ranks
+
+
+def crowding_distances(points: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each row within its own set (infinite at the extremes)."""
+    n, m = points.shape
+    distance = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for j in range(m):
+        order = np.argsort(points[:, j], kind="stable")
+        span = points[order[-1], j] - points[order[0], j]
+        distance[order[0]] = distance[order[-1]] = np.inf
+        if span > 0:
+            distance[order[1:-1]] += (points[order[2:], j] - points[order[:-2], j]) / span
+    return distance
+
+
+def ranking(peers: Mapping[int, Sequence[float]]) -> list[int]:
+    """Trial numbers best first: by front, then by crowding distance within the front (larger
+    first), then by number (who reached the rung first)."""
+    numbers = sorted(peers)
+    points = np.array([list(peers[n]) for n in numbers], dtype=float)
+    ranks = nondominated_ranks(points)
+    crowd = np.zeros(len(numbers))
+    for front in np.unique(ranks):
+        members = np.flatnonzero(ranks == front)
+        crowd[members] = crowding_distances(points[members])
+    order = sorted(range(len(numbers)), key=lambda i: (ranks[i], -crowd[i], numbers[i]))
+    return [numbers[i] for i in order]
+
+
+@dataclass(frozen=True)
+class Decision:
+    goes_on: bool
+    position: int
+    """1-based place of the trial in the ranking at the rung."""
+    peers: int
+    """Trials at the rung, the deciding one included."""
+    kept: int
+    """How many of them go on: ceil(peers / eta)."""
+
+    def __str__(self) -> str:
+        verdict = "goes on" if self.goes_on else "stops"
+        return f"{verdict}: {self.position} of {self.peers} at this rung, the top {self.kept} go on"
+
+
+def decide(me: int, peers: Mapping[int, Sequence[float]], eta: int) -> Decision:
+    """Whether trial ``me`` goes on from a rung where ``peers`` (trial number -> objective values
+    at that rung, all minimized, ``me`` included) have arrived."""
+    if me not in peers:
+        raise ValueError(f"trial {me} is not among the peers it is ranked with")
+    order = ranking(peers)
+    kept = math.ceil(len(order) / eta)
+    position = order.index(me) + 1
+    return Decision(goes_on=position <= kept, position=position, peers=len(order), kept=kept)
