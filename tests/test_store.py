@@ -1,6 +1,6 @@
 """The SQL store, on SQLite and on PostgreSQL: round trips, measurement reuse, the trial
-lifecycle, Pareto fronts, schema checks, Optuna's tables beside ours, and two processes writing
-at once.
+lifecycle, rungs, Pareto fronts, schema checks and upgrades, Optuna's tables beside ours, and two
+processes writing at once.
 
 Every test gets its own database: a fresh SQLite file, or a fresh PostgreSQL database created
 through the server's ``postgres`` database and dropped afterwards. PostgreSQL is found at
@@ -10,6 +10,7 @@ cases are skipped, except under CI (``CI`` set), where that is a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import random
@@ -17,12 +18,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import MetaData, Table, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from nas.spec.arch import ArchSpec
@@ -41,7 +42,7 @@ from nas.store import (
     session_scope,
     upgrade,
 )
-from nas.store.models import Base, StudyModel, TrialModel
+from nas.store.models import Base, RungModel, StudyModel, TrialModel
 from tests.conftest import fresh_pg_database
 from tests.measurements import measurement
 
@@ -142,11 +143,12 @@ def test_an_empty_database_without_upgrade_names_the_command(db_url):
 
 def test_a_schema_behind_the_code_names_the_command(db_url, monkeypatch):
     upgrade(db_url)
+    head, known = head_revision(), _migrate.known_revisions()
     # Pretend this code carries a newer revision than the database's.
     monkeypatch.setattr(_migrate, "head_revision", lambda: "0099")
     monkeypatch.setattr(_migrate, "SCHEMA_HEAD", "0099")
-    monkeypatch.setattr(_migrate, "known_revisions", lambda: {"0001", "0099"})
-    with pytest.raises(StoreError, match=r"revision 0001, behind this nas \(0099\); run `nas db upgrade --db .+`"):
+    monkeypatch.setattr(_migrate, "known_revisions", lambda: known | {"0099"})
+    with pytest.raises(StoreError, match=rf"revision {head}, behind this nas \(0099\); run `nas db upgrade --db .+`"):
         Store(db_url, upgrade=False)
 
 
@@ -159,6 +161,45 @@ def test_a_schema_newer_than_the_code_asks_for_a_newer_nas(db_url):
     for flag in (True, False):
         with pytest.raises(StoreError, match=r"newer than this nas knows .* upgrade the nas package"):
             Store(db_url, upgrade=flag)
+
+
+def test_a_0001_database_with_trials_upgrades_to_0002_keeping_them(db_url):
+    assert upgrade(db_url, "0001") == (None, "0001")
+    engine = make_engine(db_url)
+    assert "nas_rungs" not in inspect(engine).get_table_names()
+    # Rows written through the 0001 tables as they are in the database, not through today's models.
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        tables = MetaData()
+        studies = Table("nas_studies", tables, autoload_with=conn)
+        trials = Table("nas_trials", tables, autoload_with=conn)
+        objectives = [{"name": "val_bpb", "direction": "minimize"}, {"name": "decode_ms", "direction": "minimize"}]
+        study_id = conn.execute(
+            studies.insert().returning(studies.c.id),
+            {"name": "old", "space": "tiny", "profile": "host", "train_config": {"tokens": 8192},
+             "objectives": objectives, "extra": {}, "created_at": now},
+        ).scalar_one()  # fmt: skip
+        conn.execute(
+            trials.insert(),
+            {"study_id": study_id, "number": 0, "state": "complete", "val_bpb": 2.0, "started_at": now,
+             "finished_at": now, "objectives": {"val_bpb": 2.0, "decode_ms": 1.5}},
+        )  # fmt: skip
+        unfinished = {"study_id": study_id, "number": 1, "state": "running", "started_at": now, "worker": "host:1"}
+        conn.execute(trials.insert(), unfinished)
+    engine.dispose()
+    with pytest.raises(StoreError, match="revision 0001, behind this nas"):
+        Store(db_url, upgrade=False)
+
+    assert upgrade(db_url, "0002") == ("0001", "0002")
+    with Store(db_url) as s:  # at head from here on, whatever later revisions add
+        assert schema_diff(db_url) == []
+        assert s.get_study(name="old").trial_counts == {"running": 1, "complete": 1, "failed": 0, "infeasible": 0}
+        done, running = s.trials(study="old")
+        assert (done.state, done.val_bpb, done.objectives) == ("complete", 2.0, {"val_bpb": 2.0, "decode_ms": 1.5})
+        assert (running.state, running.worker, running.started_at) == ("running", "host:1", now)
+        assert s.trial_rungs(study="old", number=1) == []
+        s.record_rung(study="old", number=1, rung=0, tokens=4096, val_bpb=2.4, seconds=1.0)
+        assert [(r.number, r.val_bpb) for r in s.rung_results(study="old", rung=0)] == [(1, 2.4)]
 
 
 @pytest.mark.parametrize("order", ["optuna_first", "nas_first"])
@@ -402,6 +443,113 @@ def test_trial_lifecycle(store):
     with pytest.raises(StoreError, match="unknown trial state 'done'"):
         store.trials(study="s", states=["done"])
     assert store.get_trial(study="s", number=3).state == "running"  # the refused calls changed nothing
+
+
+# --- rungs -----------------------------------------------------------------------------------------
+def test_rungs_are_recorded_as_trials_run_and_read_by_rung(store):
+    new_study(store)
+    new_study(store, "other")
+    arch = store.upsert_architecture(spec=spec())
+    m = store.add_measurement(measurement(arch.arch_id, prefill_ms=1, decode_ms=2))
+    for number in range(4):
+        store.start_trial(study="s", number=number)
+    store.start_trial(study="other", number=0)
+    store.update_trial(study="s", number=0, arch_id=arch.arch_id, measurement_id=m.id)
+
+    r00 = store.record_rung(study="s", number=0, rung=0, tokens=1 << 20, val_bpb=2.5, seconds=10.0)
+    assert (r00.study, r00.number, r00.rung, r00.tokens, r00.val_bpb, r00.seconds) == ("s", 0, 0, 1 << 20, 2.5, 10.0)
+    assert (r00.state, r00.measurement_id, r00.created_at.utcoffset()) == ("running", m.id, timedelta(0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r00.val_bpb = 1.0  # type: ignore[misc]
+    r01 = store.record_rung(study="s", number=0, rung=1, tokens=3 << 20, val_bpb=2.2, seconds=31.5)
+    store.record_rung(study="s", number=1, rung=0, tokens=1 << 20, val_bpb=2.7, seconds=9.0)
+    # numpy scalars, as training code hands them over, come back as plain numbers
+    r20 = store.record_rung(study="s", number=2, rung=0, tokens=np.int64(1 << 20), val_bpb=np.float32(2.25),
+                            seconds=np.float64(11.0))  # fmt: skip
+    assert type(r20.tokens) is int and type(r20.val_bpb) is float and r20.val_bpb == 2.25
+    store.record_rung(study="other", number=0, rung=0, tokens=1 << 20, val_bpb=1.0, seconds=1.0)
+    store.record_rung(study="other", number=0, rung=1, tokens=2 << 20, val_bpb=0.9, seconds=2.0)
+    store.fail_trial(study="s", number=1, stage="train", reason="diverged after rung 0")
+    store.finish_trial(study="s", number=2, objectives={"val_bpb": 2.0, "decode_ms": 1.0})
+
+    # Every trial of the study that reached the rung, in any state, by number; not other studies'.
+    at0 = store.rung_results(study="s", rung=0)
+    assert [(r.number, r.state, r.val_bpb) for r in at0] == [(0, "running", 2.5), (1, "failed", 2.7),
+                                                              (2, "complete", 2.25)]  # fmt: skip
+    assert at0[0] == r00 and at0[2] == dataclasses.replace(r20, state="complete")
+    assert [r.study_id for r in at0] == [store.get_study(name="s").id] * 3
+    assert store.rung_results(study="s", rung=1) == [r01]
+    assert store.rung_results(study="s", rung=2) == []
+    assert [(r.study, r.number, r.val_bpb) for r in store.rung_results(study="other", rung=1)] == [("other", 0, 0.9)]
+
+    assert store.trial_rungs(study="s", number=0) == [r00, r01]
+    assert store.trial_rungs(study="s", number=3) == []
+    with pytest.raises(StoreError, match="no trial 9 in study 's'"):
+        store.trial_rungs(study="s", number=9)
+    with pytest.raises(StoreError, match="no study named 'nope'"):
+        store.rung_results(study="nope", rung=0)
+
+
+def test_a_rung_is_refused_unless_it_is_the_running_trials_next_with_a_finite_score(store, db_url):
+    new_study(store)
+    store.start_trial(study="s", number=0)
+    store.start_trial(study="s", number=1)
+    store.fail_trial(study="s", number=1, stage="train", reason="x")
+    ok = {"tokens": 1000, "val_bpb": 2.0, "seconds": 1.0}
+
+    with pytest.raises(StoreError, match="cannot record rung 0 of trial 1 of study 's': it is failed, not running"):
+        store.record_rung(study="s", number=1, rung=0, **ok)
+    with pytest.raises(StoreError, match="trial 7 of study 's': no such trial"):
+        store.record_rung(study="s", number=7, rung=0, **ok)
+    with pytest.raises(StoreError, match="no study named 'other'"):
+        store.record_rung(study="other", number=0, rung=0, **ok)
+    with pytest.raises(StoreError, match="rung 1 of trial 0 of study 's': its next rung is 0"):
+        store.record_rung(study="s", number=0, rung=1, **ok)
+    store.record_rung(study="s", number=0, rung=0, **ok)
+    with pytest.raises(StoreError, match=r"rung 0 of trial 0 of study 's' is recorded already \(val_bpb 2.0\)"):
+        store.record_rung(study="s", number=0, rung=0, **{**ok, "val_bpb": 1.9})
+    with pytest.raises(StoreError, match="rung 2 of trial 0 of study 's': its next rung is 1"):
+        store.record_rung(study="s", number=0, rung=2, tokens=3000, val_bpb=1.8, seconds=3.0)
+    with pytest.raises(StoreError, match="at 1000 tokens: rung 0 was at 1000 already"):
+        store.record_rung(study="s", number=0, rung=1, **ok)
+    for bad in (math.nan, math.inf, -math.inf, None, "2.0"):
+        with pytest.raises(StoreError, match=r"val_bpb is .*; a trial without a finite score has failed"):
+            store.record_rung(study="s", number=0, rung=1, tokens=2000, val_bpb=bad, seconds=2.0)  # type: ignore[arg-type]
+    for field, bad in [("rung", -1), ("rung", True), ("rung", 1.0), ("tokens", 0), ("tokens", 2000.0),
+                       ("seconds", -0.5), ("seconds", math.nan)]:  # fmt: skip
+        with pytest.raises(StoreError, match=f"{field}.* got {bad!r}"):
+            store.record_rung(study="s", number=0, **{"rung": 1, "tokens": 2000, "val_bpb": 1.8, "seconds": 2.0,
+                                                       field: bad})  # fmt: skip
+    # The refused calls changed nothing.
+    assert [(r.rung, r.val_bpb) for r in store.trial_rungs(study="s", number=0)] == [(0, 2.0)]
+
+    # Behind the API the table refuses them too: a second row for (trial, rung), a non-finite score.
+    engine = make_engine(db_url)
+    trial_id = store.get_trial(study="s", number=0).id
+    study_id = store.get_study(name="s").id
+    for rung, val_bpb in [(0, 1.5), (1, math.nan), (1, math.inf), (1, -math.inf)]:
+        with pytest.raises(StoreError, match="a constraint was broken"), session_scope(engine) as s:
+            s.add(RungModel(trial_id=trial_id, study_id=study_id, rung=rung, tokens=5000, val_bpb=val_bpb, seconds=1.0))
+    engine.dispose()
+    assert len(store.trial_rungs(study="s", number=0)) == 1
+
+
+def test_deleting_a_trial_or_a_study_deletes_its_rungs(store, db_url):
+    for name in ("s", "other"):
+        new_study(store, name)
+        for number in range(2):
+            store.start_trial(study=name, number=number)
+            store.record_rung(study=name, number=number, rung=0, tokens=100, val_bpb=2.0, seconds=1.0)
+            store.record_rung(study=name, number=number, rung=1, tokens=200, val_bpb=1.9, seconds=2.0)
+    engine = make_engine(db_url)
+    with engine.begin() as conn:  # no API deletes a trial; the foreign key cascades
+        conn.execute(text("DELETE FROM nas_trials WHERE id = :id"), {"id": store.get_trial(study="s", number=0).id})
+    assert [r.number for r in store.rung_results(study="s", rung=1)] == [1]
+    store.delete_study(name="s")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM nas_rungs")).scalar() == 4  # the other study's
+    engine.dispose()
+    assert [r.number for r in store.rung_results(study="other", rung=1)] == [0, 1]
 
 
 # --- Pareto fronts ---------------------------------------------------------------------------------

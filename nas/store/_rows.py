@@ -168,3 +168,29 @@ class TrialRow:
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RungRow:
+    """A trial's result at one rung: its validation bits per byte after ``tokens`` tokens.
+
+    ``state`` and ``measurement_id`` are the trial's as the row was read (a rung is recorded
+    while the trial runs; it may have finished or failed since), so that a rung decision can
+    see, next to each score, whether that trial is still going and what it measured.
+    """
+
+    id: int
+    trial_id: int
+    study_id: int
+    study: str
+    number: int
+    """The trial's number within the study (Optuna's)."""
+    rung: int
+    tokens: int
+    """Tokens trained when scored."""
+    val_bpb: float
+    seconds: float
+    """Training seconds so far, this rung's included."""
+    state: str
+    measurement_id: int | None
+    created_at: datetime

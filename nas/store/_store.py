@@ -40,12 +40,13 @@ from nas.store._engine import (
 )
 from nas.store._migrate import known_revisions, revision_of, schema_problem, upgrade_engine
 from nas.store._pareto import DIRECTIONS, non_dominated
-from nas.store._rows import ArchitectureRow, MeasurementRow, Objective, StudyRow, TrialRow, as_utc
+from nas.store._rows import ArchitectureRow, MeasurementRow, Objective, RungRow, StudyRow, TrialRow, as_utc
 from nas.store.models import (
     TRIAL_STATES,
     ArchitectureModel,
     MeasurementModel,
     ParetoModel,
+    RungModel,
     StudyModel,
     TrialModel,
     utcnow,
@@ -314,13 +315,14 @@ class Store:
             return [_study_row(r, counts.get(r.id, {})) for r in rows]
 
     def delete_study(self, *, name: str) -> None:
-        """Remove the study and its trials and front from our tables (Optuna's study stays:
-        delete it with Optuna). Architectures and measurements stay, being shared."""
+        """Remove the study and its trials, their rungs and its front from our tables (Optuna's
+        study stays: delete it with Optuna). Architectures and measurements stay, being shared."""
         with self._write() as s:
             study_id = _study_id(s, name, self.url)
             # Explicit deletes rather than ON DELETE CASCADE alone: SQLite enforces foreign keys
             # only on connections that enable them, and another tool's may not.
             s.execute(delete(ParetoModel).where(ParetoModel.study_id == study_id))
+            s.execute(delete(RungModel).where(RungModel.study_id == study_id))
             s.execute(delete(TrialModel).where(TrialModel.study_id == study_id))
             s.execute(delete(StudyModel).where(StudyModel.id == study_id))
 
@@ -479,6 +481,76 @@ class Store:
             query = query.where(TrialModel.study_id == study_id).order_by(TrialModel.number)
             return [_to_trial_row(row, study, row.arch_summary, curve=curves) for row in s.execute(query)]
 
+    # --- rungs ---------------------------------------------------------------------------------
+    def record_rung(
+        self, *, study: str, number: int, rung: int, tokens: int, val_bpb: float, seconds: float
+    ) -> RungRow:
+        """Record running trial ``number``'s score at ``rung``: validation bits per byte after
+        ``tokens`` tokens and ``seconds`` of training so far.
+
+        Written as it happens, while the trial runs, so that the search can rank it among the
+        study's trials at that rung (:meth:`rung_results`). A trial's rungs arrive in order
+        (rung k+1 after rung k, on more tokens) and once each: a resumed trial reads
+        :meth:`trial_rungs` for the rungs it already has instead of recording them again.
+        """
+        where = f"rung {rung} of trial {number} of study {study!r}"
+        _check_rung_values(where, rung=rung, tokens=tokens, val_bpb=val_bpb, seconds=seconds)
+        with self._write() as s:
+            # Locks the trial row (PostgreSQL; SQLite's write lock covers it): two processes
+            # recording the same trial's rungs take turns, and the order check below holds.
+            trial = _running_trial(s, study, number, self.url, f"record rung {rung} of")
+            last = s.execute(
+                select(RungModel.rung, RungModel.tokens)
+                .where(RungModel.trial_id == trial.id)
+                .order_by(RungModel.rung.desc())
+                .limit(1)
+            ).first()
+            if last is not None and rung <= last.rung:
+                same = s.scalar(select(RungModel.val_bpb).where(RungModel.trial_id == trial.id, RungModel.rung == rung))
+                raise StoreError(
+                    f"{where} is recorded already (val_bpb {same}); a resumed trial reads trial_rungs() "
+                    f"for the rungs it has"
+                )
+            expected = 0 if last is None else last.rung + 1
+            if rung != expected:
+                raise StoreError(
+                    f"cannot record {where}: its next rung is {expected} (a trial's rungs are recorded in order)"
+                )
+            if last is not None and tokens <= last.tokens:
+                raise StoreError(
+                    f"cannot record {where} at {tokens} tokens: rung {last.rung} was at {last.tokens} already "
+                    f"(each rung trains on more tokens)"
+                )
+            row = RungModel(
+                trial_id=trial.id, study_id=trial.study_id, rung=int(rung), tokens=int(tokens),
+                val_bpb=float(val_bpb), seconds=float(seconds), created_at=utcnow(),
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _rung_row(s.execute(_rungs_query().where(RungModel.id == row.id)).one(), study)
+
+    def rung_results(self, *, study: str, rung: int) -> list[RungRow]:
+        """Every trial of ``study`` that reached ``rung``, by trial number, whatever its state
+        now: running ones included (they are the ones waiting to be ranked), and those that
+        finished, failed or were found infeasible after the rung."""
+        with self._read() as s:
+            study_id = _study_id(s, study, self.url)
+            query = _rungs_query().where(RungModel.study_id == study_id, RungModel.rung == rung)
+            return [_rung_row(r, study) for r in s.execute(query.order_by(TrialModel.number))]
+
+    def trial_rungs(self, *, study: str, number: int) -> list[RungRow]:
+        """Trial ``number``'s rungs in order (empty before its first); raises for a trial that
+        does not exist."""
+        with self._read() as s:
+            study_id = _study_id(s, study, self.url)
+            trial_id = s.scalar(
+                select(TrialModel.id).where(TrialModel.study_id == study_id, TrialModel.number == number)
+            )
+            if trial_id is None:
+                raise StoreError(f"no trial {number} in study {study!r}")
+            query = _rungs_query().where(RungModel.trial_id == trial_id).order_by(RungModel.rung)
+            return [_rung_row(r, study) for r in s.execute(query)]
+
     # --- Pareto front --------------------------------------------------------------------------
     def refresh_pareto(self, *, study: str, objectives: Sequence[ObjectiveLike] | None = None) -> list[TrialRow]:
         """Recompute the study's front and store it in place of the old one; returns it.
@@ -580,6 +652,26 @@ def _states(states: Iterable[str]) -> list[str]:
 def _is_finite_number(value: Any) -> bool:
     """A finite int or float, numpy scalars included (they register as numbers.Real)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole_number(value: Any) -> bool:
+    """An int, numpy integers included; not a bool, not a float however whole."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_rung_values(where: str, *, rung: Any, tokens: Any, val_bpb: Any, seconds: Any) -> None:
+    """What the table's constraints would refuse, refused first with a message that says why."""
+    if not _is_whole_number(rung) or rung < 0:
+        raise StoreError(f"{where}: the rung must be a whole number >= 0, got {rung!r}")
+    if not _is_whole_number(tokens) or tokens <= 0:
+        raise StoreError(f"{where}: tokens must be a whole number > 0, got {tokens!r}")
+    if not _is_finite_number(val_bpb):
+        raise StoreError(
+            f"{where}: val_bpb is {val_bpb!r}; a trial without a finite score has failed (fail_trial), "
+            f"it reached no rung"
+        )
+    if not _is_finite_number(seconds) or seconds < 0:
+        raise StoreError(f"{where}: seconds must be a finite number >= 0, got {seconds!r}")
 
 
 def _constraints(constraints: Mapping[str, float] | None) -> dict[str, float | None] | None:
@@ -701,6 +793,21 @@ def _stored_front(s: Session, study_id: int, study: str) -> list[TrialRow]:
         .order_by(TrialModel.number)
     )
     return [_to_trial_row(row, study, summary) for row, summary in s.execute(query)]
+
+
+def _rungs_query() -> Any:
+    """Rung rows with their trial's number, state and measurement (plain columns: a read of
+    every trial's result at a rung builds no ORM objects)."""
+    columns = (*RungModel.__table__.columns, TrialModel.number, TrialModel.state, TrialModel.measurement_id)
+    return select(*columns).join(TrialModel, TrialModel.id == RungModel.trial_id)
+
+
+def _rung_row(row: Any, study: str) -> RungRow:
+    return RungRow(
+        id=row.id, trial_id=row.trial_id, study_id=row.study_id, study=study, number=row.number, rung=row.rung,
+        tokens=row.tokens, val_bpb=row.val_bpb, seconds=row.seconds, state=row.state,
+        measurement_id=row.measurement_id, created_at=as_utc(row.created_at),  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 def _trial_row(s: Session, row: TrialModel, study: str) -> TrialRow:

@@ -179,6 +179,47 @@ class TrialModel(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+# The largest finite double, for checks that a float column is finite: PostgreSQL's float8
+# takes NaN and +-Infinity (and orders NaN above every number, so "x >= 0" alone lets NaN
+# through); SQLite stores NaN as NULL and Infinity as a number. None of them is in
+# [-DBL_MAX, DBL_MAX] on either database.
+_DBL_MAX = "1.7976931348623157e308"
+
+
+class RungModel(Base):
+    """A trial's result at one rung of multi-fidelity training: scored after ``tokens`` tokens,
+    written while the trial still runs, so that the search can rank the study's trials at that
+    rung and let only the best go on.
+
+    ``study_id`` repeats the trial's own: "every result of study S at rung k" is then one range
+    of ``(study_id, rung)`` however many of the study's trials stopped before rung k, where a join
+    through ``nas_trials`` would probe every trial of the study. The store writes it from the
+    trial row in the same transaction, and a trial never changes study.
+    """
+
+    __tablename__ = "nas_rungs"
+    __table_args__ = (
+        UniqueConstraint("trial_id", "rung"),
+        CheckConstraint("rung >= 0", name="rung"),
+        CheckConstraint("tokens > 0", name="tokens"),
+        CheckConstraint(f"val_bpb >= -{_DBL_MAX} AND val_bpb <= {_DBL_MAX}", name="val_bpb_finite"),
+        CheckConstraint(f"seconds >= 0 AND seconds <= {_DBL_MAX}", name="seconds"),
+        Index(None, "study_id", "rung"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("nas_trials.id", ondelete="CASCADE"), nullable=False)
+    study_id: Mapped[int] = mapped_column(ForeignKey("nas_studies.id", ondelete="CASCADE"), nullable=False)
+    rung: Mapped[int] = mapped_column(Integer, nullable=False)
+    """0 for the first token budget, 1 for the next, ..."""
+    tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    """Tokens trained when scored."""
+    val_bpb: Mapped[float] = mapped_column(Float, nullable=False)
+    seconds: Mapped[float] = mapped_column(Float, nullable=False)
+    """Training seconds so far, this rung's included."""
+    created_at: Mapped[datetime] = _now_column()
+
+
 class ParetoModel(Base):
     """Membership of a study's current Pareto front; replaced whole on every refresh."""
 
