@@ -307,7 +307,7 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
 
 def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    args = ["search", *RUNGS, "--tokens", "331776", "--device", "host", "--db", db, "--artifacts", "art"]
+    args = ["search", *RUNGS, "--tokens", "110592", "--device", "host", "--db", db, "--artifacts", "art"]
     proc = subprocess.Popen([sys.executable, "-m", "nas", *args, "--trials", "2"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "art" / "tiny-host" / "checkpoints"
