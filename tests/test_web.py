@@ -113,6 +113,10 @@ def test_trial_page_shows_spec_measurement_curve_and_export_command(client, db):
         ("/study/synthetic?limit=0", 400, "limit"),
         ("/study/synthetic?desc=sideways", 400, "desc"),
         ("/study/synthetic/trial/abc", 400, "number"),
+        # past what the database's integer holds: asking it would overflow its driver (a 500)
+        (f"/study/synthetic/trial/{2**63}", 404, f"has no trial {2**63}"),
+        (f"/api/study/synthetic/trial/{10**30}", 404, f"has no trial {10**30}"),
+        ("/api/study/synthetic/trial/-1", 404, "has no trial -1"),
         ("/api/study/synthetic/figures?color=bogus", 400, "color"),
         ("/compare?study=synthetic", 400, "two studies"),
     ],
