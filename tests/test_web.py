@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from nas.faces.web.app import create_app
 from nas.faces.web.errors import BadRequest, NotFound
+from nas.faces.web.routes.compare import MAX_COMPARED
 from nas.spec.errors import NasError, SpecError
 from nas.store import Store, StoreError
 from tests.browse_helpers import (
@@ -165,6 +166,23 @@ def test_points_can_be_coloured_by_a_spec_field(client):
 def test_compare_page_draws_studies_on_the_same_axes(client):
     r = client.get("/compare", params=[("study", "synthetic"), ("study", "other")])
     assert r.status_code == 200 and "common reference point" in r.text
+
+
+def test_compare_reads_each_study_once_and_names_a_bounded_number(client, monkeypatch):
+    # a study named 3000 times is read once, not 3000 times; more than MAX_COMPARED studies is refused
+    # before any is read
+    reader = client.app.state.reader
+    reads: list[str] = []
+    load = reader.load
+    monkeypatch.setattr(reader, "load", lambda name, **kw: reads.append(name) or load(name, **kw))
+    r = client.get("/compare", params=[("study", "synthetic"), ("study", "other")] * 1500)
+    assert r.status_code == 200 and sorted(reads) == ["other", "synthetic"]
+    assert "<h1>Compared: synthetic, other</h1>" in r.text
+    reads.clear()
+    r = client.get("/compare", params=[("study", "synthetic")] * 3000)
+    assert r.status_code == 400 and "two studies" in r.text and not reads
+    r = client.get("/compare", params=[("study", f"s{i}") for i in range(MAX_COMPARED + 1)] * 2)
+    assert r.status_code == 400 and f"at most {MAX_COMPARED} studies" in r.text and not reads
 
 
 def test_the_page_only_reads(db, tmp_path):
