@@ -6,6 +6,7 @@ test artefacts (tmp_path, and test-artifacts/ when NAS_TEST_ARTIFACTS is set).""
 
 from __future__ import annotations
 
+import http.client
 import re
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def client(db: str) -> Iterator[TestClient]:
-    with TestClient(create_app(db), raise_server_exceptions=False) as c:
+    # TestClient names itself "testserver", a host the page does not answer to unless told
+    with TestClient(create_app(db, allowed_hosts=["testserver"]), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -143,7 +145,7 @@ def test_bad_requests_get_a_clear_page_never_a_traceback(client, url, status, sa
 def test_only_a_database_that_cannot_be_read_is_a_503(db, monkeypatch, error, status, says):
     # a NasError that is not the database's (here a stored spec this code rejects) keeps its own
     # message and is not blamed on the database
-    app = create_app(db)
+    app = create_app(db, allowed_hosts=["testserver"])
 
     def fail(*_: Any, **__: Any) -> None:
         raise error
@@ -186,6 +188,33 @@ def test_compare_reads_each_study_once_and_names_a_bounded_number(client, monkey
     assert r.status_code == 400 and f"at most {MAX_COMPARED} studies" in r.text and not reads
 
 
+def _status(c: TestClient, path: str, host: str) -> int:
+    return c.get(path, headers={"host": host}).status_code
+
+
+def test_only_the_hosts_the_page_is_served_under_are_answered(db):
+    # DNS rebinding: another site's page, its domain pointed at 127.0.0.1, is read by the browser as
+    # that domain's; the browser still names the domain in Host:, which the page refuses
+    with TestClient(create_app(db, port=8123), base_url="http://127.0.0.1:8123") as c:
+        for host in ("127.0.0.1:8123", "localhost:8123", "[::1]:8123", "LocalHost:8123"):
+            assert _status(c, "/api/studies", host) == 200, host
+        for host in ("evil.example:8123", "evil.example", "127.0.0.1.evil.example:8123", "127.0.0.1:8124",
+                     "localhost", "testserver", "[::1", "localhost:8123:1", ""):  # fmt: skip
+            r = c.get("/api/studies", headers={"host": host})
+            assert r.status_code == 400 and "--allow-host" in r.json()["error"], host
+        page = c.get("/study/synthetic", headers={"host": "<b>evil</b>:8123"})
+        assert page.status_code == 400 and 'id="error-message"' in page.text and "<b>evil" not in page.text
+    with TestClient(create_app(db, host="::1", port=80, allowed_hosts=None)) as c:
+        assert [_status(c, "/", h) for h in ("[::1]", "[::1]:80", "localhost", "[::1]:8000")] == [200, 200, 200, 400]
+    allowed = ["nas.example", "box.lan:9000", "::2"]  # a name without a port: any port (a proxy's)
+    with TestClient(create_app(db, allowed_hosts=allowed)) as c:
+        answered = ["nas.example", "nas.example:1234", "box.lan:9000", "[::2]:5"]
+        refused = ["box.lan:9001", "box.lan", "127.0.0.1:8000", "testserver"]  # the list replaces the defaults
+        assert [_status(c, "/", h) for h in answered + refused] == [200] * 4 + [400] * 4
+    with pytest.raises(NasError, match="allowed host 'two words'"):
+        create_app(db, allowed_hosts=["two words"])
+
+
 def test_the_page_only_reads(db, tmp_path):
     missing = f"sqlite:///{tmp_path / 'absent.db'}"
     with pytest.raises(NasError, match="nas db upgrade"):
@@ -204,15 +233,29 @@ def _listening_addresses(port: int) -> set[str]:
     return out
 
 
-def test_nas_ui_serves_on_loopback_only_by_default(db, tmp_path):
+def _host_status(port: int, host: str) -> int:
+    """The status of GET / from the server at 127.0.0.1:``port`` for a request naming ``host``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/", headers={"Host": host})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_nas_ui_serves_on_loopback_only_and_answers_only_its_hosts(db, tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nas", "ui", "--db", db, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "nas", "ui", "--db", db, "--port", str(port),
+                             "--allow-host", "nas.example"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/studies", timeout_s=60, proc=proc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             assert r.status == 200 and b"synthetic" in r.read()
         assert _listening_addresses(port) == {"127.0.0.1"}
+        answered = [f"localhost:{port}", f"[::1]:{port}", "nas.example", f"nas.example:{port}"]
+        refused = ["evil.example", f"evil.example:{port}", "localhost:1"]
+        assert [_host_status(port, h) for h in answered + refused] == [200] * 4 + [400] * 3
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -231,7 +274,7 @@ def test_a_large_study_is_read_once_and_drawn_thinned(tmp_path, monkeypatch):
     with Store(url) as store:
         make_study(store, "big", n_complete=600, extras=False)
         front = {t.number for t in store.pareto(study="big")}
-    app = create_app(url, max_points=200)
+    app = create_app(url, max_points=200, allowed_hosts=["testserver"])
     store = app.state.store
     reads: list[str] = []
     specs: list[str] = []
@@ -262,7 +305,7 @@ def server(db: str) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(db, refresh_s=1.0), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(db, refresh_s=1.0, port=port), host="127.0.0.1", port=port,
                                         log_level="warning"))  # fmt: skip
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
