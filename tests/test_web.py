@@ -7,6 +7,7 @@ test artefacts (tmp_path, and test-artifacts/ when NAS_TEST_ARTIFACTS is set).""
 from __future__ import annotations
 
 import http.client
+import http.server
 import re
 import subprocess
 import sys
@@ -28,12 +29,16 @@ from nas.spec.errors import NasError, SpecError
 from nas.store import Store, StoreError
 from tests.browse_helpers import (
     CHROMIUM_ARGS,
+    DEADLINE_S,
     free_port,
     keep_artifact,
     make_study,
     require_chromium,
     wait_for_http,
 )
+
+SLOW_ANSWER_S = 2.5
+"""A server's first answer on a loaded machine, for the test of wait_for_http."""
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +240,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 def _host_status(port: int, host: str) -> int:
     """The status of GET / from the server at 127.0.0.1:``port`` for a request naming ``host``."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
     try:
         conn.request("GET", "/", headers={"Host": host})
         return conn.getresponse().status
@@ -249,8 +254,8 @@ def test_nas_ui_serves_on_loopback_only_and_answers_only_its_hosts(db, tmp_path)
                              "--allow-host", "nas.example"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/api/studies", timeout_s=60, proc=proc)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        wait_for_http(f"http://127.0.0.1:{port}/api/studies", timeout_s=DEADLINE_S, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=DEADLINE_S) as r:
             assert r.status == 200 and b"synthetic" in r.read()
         assert _listening_addresses(port) == {"127.0.0.1"}
         answered = [f"localhost:{port}", f"[::1]:{port}", "nas.example", f"nas.example:{port}"]
@@ -258,10 +263,31 @@ def test_nas_ui_serves_on_loopback_only_and_answers_only_its_hosts(db, tmp_path)
         assert [_host_status(port, h) for h in answered + refused] == [200] * 4 + [400] * 3
     finally:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=DEADLINE_S)
     r = subprocess.run([sys.executable, "-m", "nas", "ui", "--db", f"sqlite:///{tmp_path / 'absent.db'}"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "nas db upgrade" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_waiting_for_a_server_waits_for_a_slow_first_answer():
+    # a loaded machine may take seconds over a server's first answer: wait_for_http waits for it
+    # until its deadline, rather than giving up on each try after a fixed time
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(SLOW_ANSWER_S)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        wait_for_http(f"http://127.0.0.1:{srv.server_port}/", timeout_s=DEADLINE_S)
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_a_large_study_is_read_once_and_drawn_thinned(tmp_path, monkeypatch):
@@ -309,10 +335,10 @@ def server(db: str) -> Iterator[str]:
                                         log_level="warning"))  # fmt: skip
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + DEADLINE_S
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert srv.started, "the web app did not start within 20 s"
+    assert srv.started, f"the web app did not start within {DEADLINE_S:g} s"
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
@@ -324,7 +350,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True, timeout=DEADLINE_S * 1000)
         yield b
         b.close()
 
@@ -333,7 +359,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def page(browser: Any, server: str) -> Iterator[Any]:
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = ctx.new_page()
-    pg.set_default_timeout(20_000)
+    pg.set_default_timeout(DEADLINE_S * 1000)
     outside: list[str] = []
     pg.on("request", lambda req: outside.append(req.url) if not req.url.startswith(server) else None)
     yield pg
@@ -342,7 +368,7 @@ def page(browser: Any, server: str) -> Iterator[Any]:
 
 
 def _wait_figures(page: Any) -> None:
-    page.wait_for_selector("body[data-figures=drawn]", timeout=30_000)
+    page.wait_for_selector("body[data-figures=drawn]", timeout=DEADLINE_S * 1000)
 
 
 @pytest.mark.browser
@@ -424,10 +450,11 @@ def test_page_refreshes_while_a_search_runs(page, server, db, tmp_path):
                            val_bpb=2.0, constraints={"decode_ms_per_token": -1.0},
                            measurement_id=trial.measurement_id)  # fmt: skip
         store.refresh_pareto(study="live")
-    page.wait_for_selector('#trial-rows tr[data-number="99"]', timeout=15_000)
+    page.wait_for_selector('#trial-rows tr[data-number="99"]', timeout=DEADLINE_S * 1000)
     assert page.locator("#trial-rows tr").count() == before + 1
     page.wait_for_function(
-        "document.getElementById('fig-pareto').data.some(t => (t.customdata || []).includes(99))", timeout=15_000
+        "document.getElementById('fig-pareto').data.some(t => (t.customdata || []).includes(99))",
+        timeout=DEADLINE_S * 1000,
     )
     keep_artifact(_shot(page, tmp_path / "web-live.png"))
 
