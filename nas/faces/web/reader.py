@@ -21,6 +21,10 @@ STUDIES_KEPT = 8
 """Reads kept: a few studies open at once; the oldest read goes."""
 FIGURES_KEPT = 16
 """Figure sets kept (a study's four figures as JSON, for one view of one read)."""
+TRIAL_NUMBERS = range(2**63)
+"""The trial numbers a study can hold: Optuna counts from 0, and the database's integer is at most
+64 bits. A URL may name any integer; one outside this range is no trial, and is not asked of the
+database, whose driver cannot even send it (SQLite's overflows past 2**63 - 1)."""
 
 
 class StudyReader:
@@ -46,7 +50,7 @@ class StudyReader:
 
     def trial(self, name: str, number: int) -> tuple[StudyRow, TrialRow]:
         study = self.study(name)
-        trial = self.store.find_trial(study=name, number=number)
+        trial = self.store.find_trial(study=name, number=number) if number in TRIAL_NUMBERS else None
         if trial is None:
             raise NotFound(f"study {name!r} has no trial {number}")
         return study, trial
