@@ -124,6 +124,7 @@ def test_trial_page_shows_spec_measurement_curve_and_export_command(client, db):
         ("/study/synthetic/trial/abc", 400, "number"),
         # past what the database's integer holds: asking it would overflow its driver (a 500)
         (f"/study/synthetic/trial/{2**63}", 404, f"has no trial {2**63}"),
+        (f"/study/synthetic/trial/{2**31}", 404, f"has no trial {2**31}"),  # past PostgreSQL's INTEGER
         (f"/api/study/synthetic/trial/{10**30}", 404, f"has no trial {10**30}"),
         ("/api/study/synthetic/trial/-1", 404, "has no trial -1"),
         ("/api/study/synthetic/figures?color=bogus", 400, "color"),

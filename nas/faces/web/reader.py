@@ -21,10 +21,10 @@ STUDIES_KEPT = 8
 """Reads kept: a few studies open at once; the oldest read goes."""
 FIGURES_KEPT = 16
 """Figure sets kept (a study's four figures as JSON, for one view of one read)."""
-TRIAL_NUMBERS = range(2**63)
-"""The trial numbers a study can hold: Optuna counts from 0, and the database's integer is at most
-64 bits. A URL may name any integer; one outside this range is no trial, and is not asked of the
-database, whose driver cannot even send it (SQLite's overflows past 2**63 - 1)."""
+TRIAL_NUMBERS = range(2**31)
+"""The trial numbers the store can hold: its ``number`` column is a SQL INTEGER, 32 bits on
+PostgreSQL (SQLite's are 64). Any other number is a 404 without asking the database, whose
+driver could not even send it."""
 
 
 class StudyReader:
