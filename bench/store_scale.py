@@ -182,7 +182,7 @@ def main() -> None:
                 record("nas pareto (CLI subprocess)", lambda u=url: cli_pareto(u))
                 if create_app is not None:
                     # A new app each round: its first GET reads the study (cold), the second reuses it.
-                    with TestClient(create_app(url)) as c:
+                    with TestClient(create_app(url, allowed_hosts=["testserver"])) as c:
                         record("web study page, cold", lambda c=c: web_get(c, f"/study/{STUDY}"))
                         record("web figures endpoint", lambda c=c: web_get(c, f"/api/study/{STUDY}/figures"))
                         record("web study page, warm", lambda c=c: web_get(c, f"/study/{STUDY}"))

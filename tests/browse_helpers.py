@@ -165,6 +165,11 @@ def keep_artifact(path: Path) -> Path:
     return path
 
 
+DEADLINE_S = 60.0
+"""How long a test waits for something it expects (a server up, a page drawn, a row that appears):
+generous, since a CI machine may be loaded, and the wait ends as soon as the thing happens."""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -172,15 +177,18 @@ def free_port() -> int:
 
 
 def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any status), at most ``timeout_s``; fail with the server's output."""
+    """Poll ``url`` until it answers (any status), at most ``timeout_s``; fail with the server's output.
+
+    Each try may take what is left of ``timeout_s``: a refused connection (the server not up yet)
+    comes back at once, and a slow first answer (a loaded machine) is waited for, not cut short."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         if proc is not None and proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
             pytest.fail(f"the server exited with {proc.returncode} before answering: {out[-2000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(url, timeout=left):
                 return
         except urllib.error.HTTPError:
             return

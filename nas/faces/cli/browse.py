@@ -30,9 +30,14 @@ UI_HELP = (
     "click a point or a row for the trial's spec, measurement with provenance, training curve and the `nas export` "
     "command for it. An open study page updates itself while a search runs. It listens on 127.0.0.1 unless --host "
     "says otherwise, and has no login.\n\n"
+    "It answers only a request that names it as it is served (its Host header): the --host address, localhost, "
+    "127.0.0.1 or [::1], at --port; anything else gets a 400. So another web site open in your browser cannot read "
+    "the results by pointing its own domain at 127.0.0.1 (DNS rebinding). --allow-host NAME adds a name (NAME:PORT "
+    "at that port only), e.g. the machine's name when --host 0.0.0.0 serves other machines, or a reverse proxy's.\n\n"
     "Examples:\n\n"
     "  nas ui                                  # then open http://127.0.0.1:8000\n"
     "  nas ui --db postgresql://host/nas --port 8080\n"
+    "  nas ui --host 0.0.0.0 --allow-host gpu-box.lan:8000\n"
     "  optuna-dashboard sqlite:///nas.db       # Optuna's own view of the same studies"
 )
 
@@ -119,21 +124,36 @@ def ui(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     refresh: Annotated[float, typer.Option(help="Seconds between an open study page's checks for new trials.")] = 5.0,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="Also answer requests for this host name or address (NAME:PORT: at that port only); repeat for "
+            "more. By default only the --host address, localhost, 127.0.0.1 and [::1] at --port are answered.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a read-only web page of the studies in the database (help: UI_HELP)."""
     from nas.faces.web.app import create_app
+    from nas.faces.web.hosts import default_hosts
     from nas.spec.errors import NasError
 
     if not 0 < port < 65536:
         raise NasError(f"--port {port}: give a port between 1 and 65535")
     if refresh <= 0:
         raise NasError("--refresh must be more than 0 seconds")
-    app = create_app(db_url(db), refresh_s=refresh)  # opens the database now: a bad URL fails here, in one line
+    hosts = [*default_hosts(host, port), *(allow_host or [])]
+    # opens the database now: a bad URL (or --allow-host) fails here, in one line
+    app = create_app(db_url(db), refresh_s=refresh, host=host, port=port, allowed_hosts=hosts)
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]listening on {host}: the page has no login; anyone who can reach it can read "
                           "the results[/yellow]")  # fmt: skip
+        if not allow_host:
+            err_console.print(f"[yellow]other machines must open it by the address {host}; --allow-host NAME lets "
+                              "them use a name[/yellow]")  # fmt: skip
     console.print(f"nas ui: http://{'[' + host + ']' if ':' in host else host}:{port}/ (read-only, {db_url(db)}); "
                   "Ctrl-C stops it", highlight=False)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")

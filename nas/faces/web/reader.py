@@ -21,6 +21,10 @@ STUDIES_KEPT = 8
 """Reads kept: a few studies open at once; the oldest read goes."""
 FIGURES_KEPT = 16
 """Figure sets kept (a study's four figures as JSON, for one view of one read)."""
+TRIAL_NUMBERS = range(2**31)
+"""The trial numbers the store can hold: its ``number`` column is a SQL INTEGER, 32 bits on
+PostgreSQL (SQLite's are 64). Any other number is a 404 without asking the database, whose
+driver could not even send it."""
 
 
 class StudyReader:
@@ -46,7 +50,7 @@ class StudyReader:
 
     def trial(self, name: str, number: int) -> tuple[StudyRow, TrialRow]:
         study = self.study(name)
-        trial = self.store.find_trial(study=name, number=number)
+        trial = self.store.find_trial(study=name, number=number) if number in TRIAL_NUMBERS else None
         if trial is None:
             raise NotFound(f"study {name!r} has no trial {number}")
         return study, trial

@@ -17,6 +17,11 @@ from nas.faces.web.views import View
 
 router = APIRouter()
 
+MAX_COMPARED = 8
+"""At most this many studies on one compare page: the figure stays readable, and one request cannot
+make the server read every study in the database (each is read whole, and the reader keeps only
+:data:`~nas.faces.web.reader.STUDIES_KEPT` reads)."""
+
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(
@@ -25,16 +30,20 @@ def compare_page(
     x: str = "decode_ms",
     y: str = "val_bpb",
 ) -> str:
-    study = study or []
-    if len(study) < 2:
+    """Each study named is read once, however often the URL names it (in the order first named),
+    and none is read when the request names too many."""
+    names = list(dict.fromkeys(study or []))
+    if len(names) < 2:
         raise BadRequest("compare needs two studies or more: /compare?study=A&study=B")
+    if len(names) > MAX_COMPARED:
+        raise BadRequest(f"study: compare shows at most {MAX_COMPARED} studies, this asks for {len(names)}")
     View.parse(x=x, y=y)
-    datas = [reader.load(n, thin=True) for n in study]
+    datas = [reader.load(n, thin=True) for n in names]
     fig = plots.compare_figure(datas, x=x, y=y)
     return render(
         "compare.html",
         title="compare",
-        studies=study,
+        studies=names,
         fig_json=pio.to_json(fig, validate=False),
         db=reader.store.url,
     )
