@@ -727,3 +727,21 @@ def test_timestamps_are_utc(store):
     new_study(store)
     t = store.start_trial(study="s", number=0)
     assert t.started_at.utcoffset() == timedelta(0)
+
+
+def test_a_trial_stopped_at_an_early_rung_never_hides_one_trained_longer(store):
+    # A trained to the top rung (BPB 2.5 -> 2.2 -> 2.0); F stopped at the first rung with 1.95.
+    # F's 1.95 beats A's final 2.0 only because F was scored early: at the rung both reached,
+    # F (1.95) beat A (2.5) there, so F is on the front, and so is A, judged at its own rung.
+    new_study(store)
+    rows = {"A": (1, [2.5, 2.2, 2.0], 2.0), "F": (2, [1.95], 1.9), "G": (3, [2.6], 2.5)}
+    for n, bpbs, decode in rows.values():
+        arch = store.upsert_architecture(spec=spec(d_model=64 * n))
+        store.start_trial(study="s", number=n, arch_id=arch.arch_id)
+        for k, bpb in enumerate(bpbs):
+            store.record_rung(study="s", number=n, rung=k, tokens=4096 * 3**k, val_bpb=bpb, seconds=1.0 + k)
+        store.finish_trial(study="s", number=n, val_bpb=bpbs[-1], objectives={"val_bpb": bpbs[-1], "decode_ms": decode})
+    assert {t.number for t in store.refresh_pareto(study="s")} == {1, 2}  # G is dominated by F at rung 0
+    # the plain non-dominated set of the final values would have dropped A for F
+    plain = non_dominated([[2.0, 2.0], [1.95, 1.9], [2.6, 2.5]], ["minimize", "minimize"])
+    assert plain.tolist() == [False, True, False]

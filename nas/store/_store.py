@@ -569,7 +569,12 @@ class Store:
                 )
             ).all()
             ids, points = _candidates(rows, [o.name for o in objs])
-            front_ids = ids[non_dominated(points, [o.direction for o in objs])] if ids.size else ids
+            rungs: dict[int, dict[int, float]] = {}
+            for trial_id, rung, bpb in s.execute(
+                select(RungModel.trial_id, RungModel.rung, RungModel.val_bpb).where(RungModel.study_id == study_row.id)
+            ):
+                rungs.setdefault(trial_id, {})[rung] = bpb
+            front_ids = _front_at_common_rungs(ids, points, objs, rungs)
             s.execute(delete(ParetoModel).where(ParetoModel.study_id == study_row.id))
             now = utcnow()
             if front_ids.size:
@@ -695,6 +700,35 @@ def _candidates(rows: Sequence[Any], names: list[str]) -> tuple[np.ndarray, np.n
             ids.append(trial_id)
             points.append(values)  # type: ignore[arg-type]
     return np.asarray(ids, dtype=np.int64), np.asarray(points, dtype=float).reshape(len(ids), len(names))
+
+
+def _front_at_common_rungs(ids: np.ndarray, points: np.ndarray, objs: Sequence[Objective],
+                           rungs: Mapping[int, Mapping[int, float]]) -> np.ndarray:
+    """The front when trials stopped at different rungs of training (``nas.search.rungs``).
+
+    A trial's BPB falls as it trains, so a trial stopped at rung k is compared with every trial
+    that reached rung k, on their BPB *at rung k* (the rung both reached): a trial trained longer
+    is never beaten by one that only looks better because it was scored earlier. A trial that
+    stopped at rung k is on the front when nothing dominates it there; the front is every rung's
+    such trials. Without rungs (one score per trial) this is the plain non-dominated set.
+    """
+    directions = [o.direction for o in objs]
+    if not ids.size:
+        return ids
+    bpb = [i for i, o in enumerate(objs) if o.name == "val_bpb"]
+    if not rungs or not bpb:
+        return ids[non_dominated(points, directions)]
+    top = {int(t): max(rungs.get(int(t), {0: 0.0})) for t in ids}
+    front: list[int] = []
+    for k in sorted(set(top.values())):
+        reached = [i for i, t in enumerate(ids) if top[int(t)] >= k and k in rungs.get(int(t), {k: None})]
+        at_k = points[reached].copy()
+        for row, i in enumerate(reached):
+            if k in rungs.get(int(ids[i]), {}):
+                at_k[row, bpb[0]] = rungs[int(ids[i])][k]
+        mask = non_dominated(at_k, directions)
+        front += [int(ids[i]) for row, i in enumerate(reached) if mask[row] and top[int(ids[i])] == k]
+    return np.asarray(sorted(front), dtype=np.int64)
 
 
 def _no_study(s: Session, name: str, url: str) -> str:

@@ -33,6 +33,8 @@ def _trial_figures(store, trial) -> dict:
         "number": trial.number, "state": trial.state, "arch_id": trial.arch_id, "architecture": trial.arch_summary,
         "params": store.get_architecture(arch_id=trial.arch_id).params if trial.arch_id else None,
         "val_bpb": trial.val_bpb, "objectives": trial.objectives, "constraints": trial.constraints,
+        # how long the model behind val_bpb was trained: with rungs, trials stop at different budgets
+        "bpb_tokens": (trial.train or {}).get("tokens"), "rung": (trial.train or {}).get("rung"),
         "feasible": {"complete": trial.feasible, "infeasible": False}.get(trial.state),
         "label": m.get("label"), "decode_ms": m.get("decode_ms"), "prefill_ms": m.get("prefill_ms"),
         "peak_memory_mb": m.get("peak_memory_mb"), "model_mb": m.get("model_mb"),
@@ -60,17 +62,29 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
                         f"({st.space} on {st.profile})",
                   caption="objectives: " + ", ".join(f"{o.name} ({o.direction})" for o in st.objectives)
                   + "; latency and memory labelled with where they came from")
+    rungs = int((st.extra.get("rungs") or {}).get("count", 1))
+    if rungs > 1:
+        table.caption += ("; BPB @ the tokens the trial was trained (rungs: a trial stopped early is compared "
+                          "with the others at the budget both reached)")
     for col in ("#", "architecture", "params", "BPB", "decode ms/tok", "prefill ms", "memory MiB", "size MiB",
                 "label"):
         table.add_column(col, justify="left" if col in ("architecture", "label") else "right", overflow="fold")
     for r in sorted(rows, key=lambda r: (r["val_bpb"] is None, r["val_bpb"])):
         table.add_row(str(r["number"]), r["architecture"] or "", fmt_count(r["params"] or 0),
-                      f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "",
+                      _bpb_cell(r, rungs),
                       f"{r['decode_ms']:.3f}" if r["decode_ms"] is not None else "",
                       f"{r['prefill_ms']:.2f}" if r["prefill_ms"] is not None else "",
                       f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "",
                       f"{r['model_mb']:.1f}" if r["model_mb"] is not None else "", r["label"] or "")
     console.print(table)
+
+
+def _bpb_cell(row: dict, rungs: int) -> str:
+    if row["val_bpb"] is None:
+        return ""
+    if rungs > 1 and row.get("bpb_tokens"):
+        return f"{row['val_bpb']:.4f} @{fmt_count(row['bpb_tokens'])}"
+    return f"{row['val_bpb']:.4f}"
 
 
 def studies(db: DbOpt = None, as_json: JsonOpt = False) -> None:

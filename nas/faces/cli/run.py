@@ -250,7 +250,8 @@ class _RichEvents(SearchEvents):
         self.finished = 0
 
     def message(self, text: str) -> None:
-        self.p.console.print(f"[dim]{text}[/dim]")
+        # one line each, never wrapped: a user who logs to a file greps them
+        self.p.console.print(f"[dim]{text}[/dim]", soft_wrap=True)
 
     def trial_started(self, number: int) -> None:
         self.p.update(self.current, description=f"trial {number}", completed=0, total=None, info="sampling")
@@ -270,7 +271,8 @@ class _RichEvents(SearchEvents):
             colour, counted = "dim", False
         else:
             colour, counted = {"complete": "green", "infeasible": "yellow", "failed": "red"}[state], True
-        self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {summary}", highlight=False)
+        self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {summary}", highlight=False,
+                             soft_wrap=True)
         if counted:
             self.finished += 1
             self.p.update(self.trials, completed=self.finished)

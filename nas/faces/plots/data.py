@@ -80,6 +80,8 @@ class TrialPoint:
     constraints: dict[str, float | None]
     started_at: datetime
     finished_at: datetime | None
+    bpb_tokens: int | None = None
+    """Tokens the scored model was trained on: with rungs, a trial may have stopped early."""
 
     @property
     def over_budget(self) -> bool:
@@ -237,7 +239,7 @@ def _point(t: TrialRow, m: Any, spec: dict[str, Any] | None, on_front: bool) -> 
         number=t.number, state=t.state, feasible=t.state == "complete" and t.feasible, on_front=on_front,
         summary=t.arch_summary, arch_id=t.arch_id, label=m.label if m is not None else None, figures=figures,
         spread=spread, spec=spec, stage=t.failed_stage, reason=t.failure_reason, constraints=dict(t.constraints or {}),
-        started_at=t.started_at, finished_at=t.finished_at,
+        started_at=t.started_at, finished_at=t.finished_at, bpb_tokens=(t.train or {}).get("tokens"),
     )  # fmt: skip
 
 

@@ -70,7 +70,8 @@ def hover_text(p: TrialPoint, extra: str = "") -> str:
     ]
     f = p.figures
     if "val_bpb" in f:
-        lines.append(f"BPB {f['val_bpb']:.4f} <i>(quantized model, ONNX Runtime, validation split)</i>")
+        trained = f" after {fmt(p.bpb_tokens)} tokens" if p.bpb_tokens else ""
+        lines.append(f"BPB {f['val_bpb']:.4f}{trained} <i>(quantized model, ONNX Runtime, validation split)</i>")
     where = html.escape(p.label or "no measurement")
     if "decode_ms" in f:
         lo, hi = p.spread.get("decode_ms", (None, None))
