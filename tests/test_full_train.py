@@ -23,7 +23,9 @@ from nas.stages.data import WindowSampler, train_batches
 from nas.stages.hf import llama_incompatibilities
 from nas.winner.folder import load_winner
 from nas.winner.fulltrain import (
+    CHECKPOINTS,
     FullTrainError,
+    FullTrainEvents,
     Overrides,
     checkpoints,
     corpus_source,
@@ -106,6 +108,14 @@ class Running:
             self.proc.wait()
 
 
+class Heard(FullTrainEvents):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
 def test_train_stops_at_max_steps_then_resumes_on_the_same_curve_and_exports(exported, tmp_path):
     folder = copy_of(exported, tmp_path, "run")
     r = nas(["train", str(folder), *SHORT, "--max-steps", "3"], exported.env, exported.root)
@@ -168,6 +178,42 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint_and_the_run_resu
     assert result.resumed_from == step and result.step == step + 2 and result.stopped_by == "max_steps"
     assert [p.name for p in checkpoints(folder)] == [stopped.name, f"step-{step + 2:08d}.pt"]
     assert all(p.step <= step + 2 for p in result.curve)
+
+
+def test_a_truncated_latest_checkpoint_is_skipped_for_the_newest_that_loads(exported, tmp_path):
+    folder = copy_of(exported, tmp_path, "truncated")
+    first = train_full(folder, SHORT_API, max_steps=3, final_export=False)
+    step2, step3 = checkpoints(folder)
+    assert (step2.name, step3.name) == ("step-00000002.pt", "step-00000003.pt")
+    step3.write_bytes(step3.read_bytes()[: step3.stat().st_size // 2])  # as a full disk or a partial copy leaves it
+
+    heard = Heard()
+    result = train_full(folder, max_steps=4, final_export=False, events=heard)
+    assert result.resumed_from == 2 and result.step == 4
+    (skipped,) = [m for m in heard.messages if "step-00000003.pt" in m and "skipping" in m]
+    assert "does not load" in skipped and "step-00000002.pt" in skipped and "\n" not in skipped, skipped
+    # The bad file is kept aside, out of the checkpoints kept; step 3 was redone exactly.
+    assert (folder / CHECKPOINTS / "step-00000003.pt.unreadable").is_file()
+    assert [p.name for p in checkpoints(folder)] == ["step-00000002.pt", "step-00000004.pt"]
+    assert [p.step for p in result.curve] == [1, 2, 3, 4]
+    np.testing.assert_allclose([p.loss for p in result.curve[:3]], [p.loss for p in first.curve], rtol=0, atol=1e-5)
+
+
+def test_no_checkpoint_that_loads_is_one_line_naming_the_folder(exported, tmp_path):
+    folder = copy_of(exported, tmp_path, "unloadable")
+    train_full(folder, SHORT_API, max_steps=3, final_export=False)
+    step2, step3 = checkpoints(folder)
+    step2.write_bytes(b"")
+    step3.write_bytes(step3.read_bytes()[:100])
+
+    r = nas(["train", str(folder)], exported.env, exported.root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    assert str(folder / CHECKPOINTS) in lines[0] and "step-00000003.pt" in lines[0] and "--restart" in lines[0]
+    assert checkpoints(folder) == [step2, step3]  # nothing moved when there is nothing to resume from
+    assert train_full(folder, SHORT_API, max_steps=1, restart=True, final_export=False).step == 1
+    assert not list((folder / CHECKPOINTS).glob("*.unreadable"))
 
 
 def test_a_resume_with_other_settings_is_refused_until_restart(exported, tmp_path):
