@@ -24,6 +24,7 @@ from nas.stages.hf import llama_incompatibilities
 from nas.winner.folder import load_winner
 from nas.winner.fulltrain import (
     CHECKPOINTS,
+    LOCK_FILE,
     FullTrainError,
     FullTrainEvents,
     Overrides,
@@ -214,6 +215,28 @@ def test_no_checkpoint_that_loads_is_one_line_naming_the_folder(exported, tmp_pa
     assert checkpoints(folder) == [step2, step3]  # nothing moved when there is nothing to resume from
     assert train_full(folder, SHORT_API, max_steps=1, restart=True, final_export=False).step == 1
     assert not list((folder / CHECKPOINTS).glob("*.unreadable"))
+
+
+def test_a_second_process_on_the_same_folder_is_refused_at_once_naming_the_holder(exported, tmp_path):
+    folder = copy_of(exported, tmp_path, "locked")
+    lock = folder / CHECKPOINTS / LOCK_FILE
+    first = Running(["train", str(folder), *LONG], exported)
+    try:
+        # Under way: its pid is in the lock (taken before the corpus is read), or at the latest it trains.
+        first.wait_for(lambda: (lock.is_file() and lock.read_text().strip() == str(first.proc.pid))
+                       or first.printed(STEP_LINE), "pid in the lock file or step line from the first process")
+        second = nas(["train", str(folder), "--max-steps", "1"], exported.env, exported.root, timeout=PATIENCE_S)
+        assert first.proc.poll() is None  # the second did not wait for the first to end
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        lines = [l for l in second.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1, lines
+        assert str(folder) in lines[0] and f"process {first.proc.pid}" in lines[0], lines[0]
+        first.proc.send_signal(signal.SIGTERM)
+        returncode, _, err = first.finish()
+    finally:
+        first.kill()
+    assert returncode == 130, err[-2000:]
+    assert lock.read_text() == ""  # released, and no stale pid left in it
 
 
 def test_a_resume_with_other_settings_is_refused_until_restart(exported, tmp_path):

@@ -6,6 +6,7 @@ schedule and step (``nas.stages.train.make_optimizer``, ``lr_at``, ``train_step`
 the full run differs from a trial's only in length and batch. Layout it adds to DIR::
 
     checkpoints/run.json          the resolved run (budget, batch, lr, data, ...): what a resume must match
+    checkpoints/train.lock        held (flock) by the process training the folder; holds its pid
     checkpoints/step-00001234.pt  model, optimizer, step, RNG states, data position, curve (the last 2 kept)
     trained/model.pt              the final weights, in the search's format {"spec", "state_dict", "train_config"}
     trained/onnx/                 the final model exported and quantized at the spec's bitwidth (nas.stages.export)
@@ -27,6 +28,12 @@ Choices, and why:
   loads is resumed from, the steps after it are redone exactly, and the bad file is moved aside
   (``<name>.unreadable``, kept for inspection, out of the count of checkpoints kept) with one
   line saying which and why. Only when none loads is it an error, naming the folder.
+- One process per folder: two runs of one folder would overwrite each other's checkpoints and
+  both believe they resume the run, so ``train_full`` holds an exclusive ``flock`` on
+  ``checkpoints/train.lock`` for the whole run and a second one fails at once, naming the
+  holder's pid. The kernel drops the lock when the holder dies, however it dies, so a killed run
+  leaves no stale lock; the file stays (deleting it would let a third process lock a new file
+  while a second still holds the old one).
 - Interrupts: the caller passes ``should_stop`` (the CLI sets it on SIGINT/SIGTERM); the loop
   finishes the current step, checkpoints and returns. ``max_steps`` stops the same way after that
   many steps (the schedule still spans the whole budget), to train in slices.
@@ -41,12 +48,14 @@ Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,6 +75,7 @@ from nas.winner.recipe import MAX_SUBSET_EPOCHS, suggest_recipe
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+LOCK_FILE = "train.lock"
 TRAINED = "trained"
 REPORT = "report.json"
 CHECKPOINT_FORMAT = "nas-fulltrain-v1"
@@ -273,7 +283,8 @@ def train_full(
 
     ``bf16`` and ``compile`` None mean: on for CUDA, off on the CPU. ``max_steps`` stops after
     that many steps in all (a checkpoint is written). ``final_export`` False skips the final
-    ONNX/Hugging Face export (tests compare runs without paying for it twice).
+    ONNX/Hugging Face export (tests compare runs without paying for it twice). Another process
+    training the same folder is a FullTrainError, at once.
     """
     ev = events or FullTrainEvents()
     folder = Path(folder)
@@ -281,20 +292,48 @@ def train_full(
     device, use_bf16, use_compile = _device_settings(device, bf16, compile)
     if max_steps is not None and max_steps < 1:
         raise FullTrainError(f"--max-steps must be >= 1, got {max_steps}")
-    previous = _previous_run(folder, restart)
-    run, tc = _start_run(export, overrides or Overrides(), previous, ev)
+    with _run_lock(folder):  # before anything reads or changes the checkpoints
+        previous = _previous_run(folder, restart)
+        run, tc = _start_run(export, overrides or Overrides(), previous, ev)
 
-    session = _Session(export, run, tc, device, ev)
-    done = session.trained_before()
-    if done is not None:
-        return done
-    stopped_by = session.train(max_steps, should_stop, use_bf16=use_bf16, use_compile=use_compile)
-    result = session.close(stopped_by)
-    if result.step < run.total_steps or not final_export:
-        return result
-    onnx_dir, hf_dir, onnx_bpb = _finish(export, session.model.to("cpu"), run, tc, session.curve, session.evals,
-                                         result.seconds, ev)
+        session = _Session(export, run, tc, device, ev)
+        done = session.trained_before()
+        if done is not None:
+            return done
+        stopped_by = session.train(max_steps, should_stop, use_bf16=use_bf16, use_compile=use_compile)
+        result = session.close(stopped_by)
+        if result.step < run.total_steps or not final_export:
+            return result
+        onnx_dir, hf_dir, onnx_bpb = _finish(export, session.model.to("cpu"), run, tc, session.curve, session.evals,
+                                             result.seconds, ev)
     return dataclasses.replace(result, onnx_bpb=onnx_bpb, onnx_dir=onnx_dir, hf_dir=hf_dir)
+
+
+@contextlib.contextmanager
+def _run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``checkpoints/train.lock`` exclusively while the body runs, with this process's pid in
+    it; when another process holds it, fail at once (FullTrainError naming the folder and that pid)
+    rather than wait: the other run may last days."""
+    ckpt_dir = folder / CHECKPOINTS
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f"process {holder}" if holder.isdigit() else "another process (pid not written yet)"
+            raise FullTrainError(f"{folder} is being trained by {who}, which holds {path}: wait for it to end, "
+                                 "or stop it, before running `nas train` on this folder again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # no stale pid for a person reading the file after the run
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _previous_run(folder: Path, restart: bool) -> RunConfig | None:
