@@ -144,6 +144,34 @@ def test_cli_reports_a_bad_space_in_one_line_with_exit_2(tmp_path):
     assert len(lines) == 1 and "dimensions.norm.choices[0]" in lines[0] and "broken.yaml" in lines[0]
 
 
+def test_cli_refuses_a_rule_too_large_to_evaluate_at_once_in_one_line(tmp_path):
+    # 9**9**9**9 would compute for ever: the file must fail to load, naming the key and the part.
+    path = tmp_path / "huge.yaml"
+    path.write_text(MINIMAL + 'rules: ["9**9**9**9 > 0"]\n')
+    proc = subprocess.run([sys.executable, "-m", "nas", "spaces", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    assert "huge.yaml" in lines[0] and "rules[0]" in lines[0] and "'9 ** 9 ** 9'" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("rule,key,part", [
+    ('"a" * 10**6 == ""', "rules[0]", "'a' * 10 ** 6"),
+    ("[0] * 10**5 == ()", "rules[0]", "[0] * 10 ** 5"),
+    # Sized by a variable: refused on every draw, so the space has no valid architecture.
+    ("n_layers ** params > 0", "rules", "n_layers ** params"),
+])
+def test_a_space_whose_rule_is_too_large_to_evaluate_fails_to_load(rule, key, part, tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text(MINIMAL + f"rules: ['{rule.replace(chr(39), chr(39) * 2)}']\n")
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}: ") and repr(part) in message and "\n" not in message, message
+
+
 def test_cli_sample_prints_specs_as_json():
     proc = subprocess.run([sys.executable, "-m", "nas", "sample", "--space", "tiny", "-n", "3", "--json"],
                           capture_output=True, text=True, timeout=120)

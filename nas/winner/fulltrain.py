@@ -6,6 +6,7 @@ schedule and step (``nas.stages.train.make_optimizer``, ``lr_at``, ``train_step`
 the full run differs from a trial's only in length and batch. Layout it adds to DIR::
 
     checkpoints/run.json          the resolved run (budget, batch, lr, data, ...): what a resume must match
+    checkpoints/train.lock        held (flock) by the process training the folder; holds its pid
     checkpoints/step-00001234.pt  model, optimizer, step, RNG states, data position, curve (the last 2 kept)
     trained/model.pt              the final weights, in the search's format {"spec", "state_dict", "train_config"}
     trained/onnx/                 the final model exported and quantized at the spec's bitwidth (nas.stages.export)
@@ -22,6 +23,17 @@ Choices, and why:
   takes the same steps on the same batches as one that was never interrupted; the tests check
   that the loss curves are equal. A checkpoint is written to a temporary name and moved into
   place, so a kill mid-write leaves the previous one intact.
+- A checkpoint that does not load all the same (cut short by a full disk or a partial copy,
+  damaged on the disk) is not the end of the run: the newest one that
+  loads is resumed from, the steps after it are redone exactly, and the bad file is moved aside
+  (``<name>.unreadable``, kept for inspection, out of the count of checkpoints kept) with one
+  line saying which and why. Only when none loads is it an error, naming the folder.
+- One process per folder: two runs of one folder would overwrite each other's checkpoints and
+  both believe they resume the run, so ``train_full`` holds an exclusive ``flock`` on
+  ``checkpoints/train.lock`` for the whole run and a second one fails at once, naming the
+  holder's pid. The kernel drops the lock when the holder dies, however it dies, so a killed run
+  leaves no stale lock; the file stays (deleting it would let a third process lock a new file
+  while a second still holds the old one).
 - Interrupts: the caller passes ``should_stop`` (the CLI sets it on SIGINT/SIGTERM); the loop
   finishes the current step, checkpoints and returns. ``max_steps`` stops the same way after that
   many steps (the schedule still spans the whole budget), to train in slices.
@@ -36,12 +48,14 @@ Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,9 +75,13 @@ from nas.winner.recipe import MAX_SUBSET_EPOCHS, suggest_recipe
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+LOCK_FILE = "train.lock"
 TRAINED = "trained"
 REPORT = "report.json"
 CHECKPOINT_FORMAT = "nas-fulltrain-v1"
+# What a checkpoint must hold for a resume; one that lacks any of them is skipped as unreadable.
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "sampler", "torch_rng", "seconds", "curve", "evals", "window")
+UNREADABLE_SUFFIX = ".unreadable"
 INITS = ("scratch", "exported")
 
 
@@ -265,7 +283,8 @@ def train_full(
 
     ``bf16`` and ``compile`` None mean: on for CUDA, off on the CPU. ``max_steps`` stops after
     that many steps in all (a checkpoint is written). ``final_export`` False skips the final
-    ONNX/Hugging Face export (tests compare runs without paying for it twice).
+    ONNX/Hugging Face export (tests compare runs without paying for it twice). Another process
+    training the same folder is a FullTrainError, at once.
     """
     ev = events or FullTrainEvents()
     folder = Path(folder)
@@ -273,27 +292,56 @@ def train_full(
     device, use_bf16, use_compile = _device_settings(device, bf16, compile)
     if max_steps is not None and max_steps < 1:
         raise FullTrainError(f"--max-steps must be >= 1, got {max_steps}")
-    previous = _previous_run(folder, restart)
-    run, tc = _start_run(export, overrides or Overrides(), previous, ev)
+    with _run_lock(folder):  # before anything reads or changes the checkpoints
+        previous = _previous_run(folder, restart)
+        run, tc = _start_run(export, overrides or Overrides(), previous, ev)
 
-    session = _Session(export, run, tc, device, ev)
-    done = session.trained_before()
-    if done is not None:
-        return done
-    stopped_by = session.train(max_steps, should_stop, use_bf16=use_bf16, use_compile=use_compile)
-    result = session.close(stopped_by)
-    if result.step < run.total_steps or not final_export:
-        return result
-    onnx_dir, hf_dir, onnx_bpb = _finish(export, session.model.to("cpu"), run, tc, session.curve, session.evals,
-                                         result.seconds, ev)
+        session = _Session(export, run, tc, device, ev)
+        done = session.trained_before()
+        if done is not None:
+            return done
+        stopped_by = session.train(max_steps, should_stop, use_bf16=use_bf16, use_compile=use_compile)
+        result = session.close(stopped_by)
+        if result.step < run.total_steps or not final_export:
+            return result
+        onnx_dir, hf_dir, onnx_bpb = _finish(export, session.model.to("cpu"), run, tc, session.curve, session.evals,
+                                             result.seconds, ev)
     return dataclasses.replace(result, onnx_bpb=onnx_bpb, onnx_dir=onnx_dir, hf_dir=hf_dir)
 
 
+@contextlib.contextmanager
+def _run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``checkpoints/train.lock`` exclusively while the body runs, with this process's pid in
+    it; when another process holds it, fail at once (FullTrainError naming the folder and that pid)
+    rather than wait: the other run may last days."""
+    ckpt_dir = folder / CHECKPOINTS
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f"process {holder}" if holder.isdigit() else "another process (pid not written yet)"
+            raise FullTrainError(f"{folder} is being trained by {who}, which holds {path}: wait for it to end, "
+                                 "or stop it, before running `nas train` on this folder again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # no stale pid for a person reading the file after the run
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _previous_run(folder: Path, restart: bool) -> RunConfig | None:
-    """The run the checkpoints belong to, if any; ``restart`` forgets it and its checkpoints."""
+    """The run the checkpoints belong to, if any; ``restart`` forgets it and its checkpoints (the
+    ones moved aside as unreadable too)."""
     ckpt_dir = folder / CHECKPOINTS
     if restart and ckpt_dir.exists():
-        for path in [*checkpoints(folder), ckpt_dir / RUN_FILE]:
+        for path in [*checkpoints(folder), *ckpt_dir.glob(f"step-*.pt{UNREADABLE_SUFFIX}"), ckpt_dir / RUN_FILE]:
             path.unlink(missing_ok=True)
     if (ckpt_dir / RUN_FILE).is_file():
         return RunConfig(**json.loads((ckpt_dir / RUN_FILE).read_text()))
@@ -357,19 +405,36 @@ class _Session:
         self.curve: list[CurvePoint] = []
         self.evals: list[tuple[int, float]] = []
         self.window: list[float] = []
-        self.found = checkpoints(self.folder)
-        if self.found:
-            self._resume(self.found[-1])
-        self.last_ckpt: Path | None = self.found[-1] if self.found else None
+        self.last_ckpt: Path | None = None
+        found = checkpoints(self.folder)
+        if found:
+            self.last_ckpt = self._resume_newest_readable(found)
         self.last_loss = self.curve[-1].loss if self.curve else math.nan
         self.session_start = self.step
         self.start = time.perf_counter()
 
-    def _resume(self, path: Path) -> None:
-        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
-        state = torch.load(path, map_location="cpu", weights_only=True)  # plain values and tensors only
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise FullTrainError(f"{path}: not a checkpoint of this version ({state.get('format')!r})")
+    def _resume_newest_readable(self, found: list[Path]) -> Path:
+        """Resume from the newest of ``found`` (oldest first) that loads, moving the newer ones that
+        do not aside with one line each; FullTrainError naming the folder when none loads."""
+        unreadable: list[tuple[Path, str]] = []
+        for path in reversed(found):
+            try:
+                state = _read_checkpoint(path)
+            except _UnreadableCheckpoint as e:
+                unreadable.append((path, str(e)))
+                continue
+            for bad, why in unreadable:
+                aside = bad.with_name(bad.name + UNREADABLE_SUFFIX)
+                bad.replace(aside)
+                self.ev.message(f"skipping {bad.name}: it does not load ({why}); moved aside to {aside.name}, "
+                                f"resuming from the older {path.name}")
+            self._resume(path, state)
+            return path
+        newest, why = unreadable[0]
+        raise FullTrainError(f"no checkpoint in {self.folder / CHECKPOINTS} loads ({len(found)} tried; the newest, "
+                             f"{newest.name}: {why}): add --restart to start the run over")
+
+    def _resume(self, path: Path, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sampler.restore(state["sampler"])
@@ -398,7 +463,7 @@ class _Session:
             seconds=self.seconds_before, resumed_from=self.resumed_from, stopped_by="done", last_loss=self.last_loss,
             val_bpb=report.get("val_bpb_torch"), onnx_bpb=report.get("val_bpb_onnx"),
             onnx_dir=self.folder / TRAINED / "onnx", hf_dir=self.folder / report["hf"] if report.get("hf") else None,
-            checkpoint=self.found[-1], curve=tuple(self.curve), evals=tuple(self.evals))
+            checkpoint=self.last_ckpt, curve=tuple(self.curve), evals=tuple(self.evals))
 
     def train(self, max_steps: int | None, should_stop: Callable[[], bool] | None, *, use_bf16: bool,
               use_compile: bool) -> Literal["done", "max_steps", "interrupted"]:
@@ -466,7 +531,7 @@ class _Session:
         finished_eval = step >= run.total_steps and (not self.evals or self.evals[-1][0] != step)
         if finished_eval:  # the final validation BPB, kept in the last checkpoint so a re-run has it
             self._evaluate()
-        if step > self.session_start or not self.found or finished_eval:
+        if step > self.session_start or self.resumed_from is None or finished_eval:
             self._save_checkpoint()
         seconds = self.seconds_before + time.perf_counter() - self.start
         return FullTrainResult(
@@ -474,6 +539,28 @@ class _Session:
             seconds=seconds, resumed_from=self.resumed_from, stopped_by=stopped_by, last_loss=self.last_loss,
             val_bpb=self.evals[-1][1] if self.evals else None, checkpoint=self.last_ckpt, curve=tuple(self.curve),
             evals=tuple(self.evals))
+
+
+class _UnreadableCheckpoint(Exception):
+    """A checkpoint file that cannot be resumed from; the message says why, in one line."""
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's state, checked to be this version's and complete, else _UnreadableCheckpoint."""
+    try:
+        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain values and tensors only
+    except Exception as e:  # a damaged file fails in the zip reader, the unpickler or the OS, each its own way
+        text = str(e).split(". ")[0].splitlines()[0][:160] if str(e).strip() else ""
+        size = path.stat().st_size if path.exists() else 0
+        raise _UnreadableCheckpoint(f"{type(e).__name__}{': ' + text if text else ''}; {size:,} bytes") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise _UnreadableCheckpoint(f"not a checkpoint of this version ({found!r}, expected {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise _UnreadableCheckpoint(f"it lacks {', '.join(missing)}")
+    return state
 
 
 def _device_settings(device: str, bf16: bool | None, compile: bool | None) -> tuple[str, bool, bool]:

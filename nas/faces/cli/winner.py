@@ -144,9 +144,10 @@ def train(
 
     Running the same command again resumes from the last checkpoint (step, optimizer, data
     position and loss curve continue). Ctrl-C or SIGTERM stops after the current step with a
-    checkpoint. At the end: FOLDER/trained/ holds the weights, the ONNX model at the spec's
-    bitwidth (scored in ONNX Runtime), a Hugging Face folder where Llama can express the spec,
-    and report.json.
+    checkpoint. One process trains a folder at a time: a second fails at once, naming the first's
+    pid. A checkpoint that does not load is moved aside and the one before it resumed. At the end:
+    FOLDER/trained/ holds the weights, the ONNX model at the spec's bitwidth (scored in ONNX
+    Runtime), a Hugging Face folder where Llama can express the spec, and report.json.
     """
     from rich.progress import (
         BarColumn,
