@@ -279,9 +279,9 @@ RUNGS = ["--space", "tiny", "--max-bytes", "300000", "--rungs", "3", "--eta", "3
 
 def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *RUNGS, "--tokens", "36864", "--device", "host", "--trials", "5", "--db", db], env, tmp_path)
+    r = nas(["search", *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "5", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "rung 1 (4,096 tokens): BPB" in r.stdout and "goes on" in r.stdout
+    assert "rung 1 (2,048 tokens): BPB" in r.stdout and "goes on" in r.stdout
     ostudy = optuna.load_study(study_name="tiny-host", storage=db)
     by_number = {t.number: t for t in ostudy.trials}
     with Store(db) as store:
@@ -291,7 +291,7 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
         for t in complete:
             rungs = store.trial_rungs(study="tiny-host", number=t.number)
             assert [g.rung for g in rungs] == list(range(t.train["rung"] + 1))  # in order, none skipped
-            budgets = [4096, 12288, 36864][: len(rungs)]
+            budgets = [2048, 6144, 18432][: len(rungs)]
             assert [g.tokens for g in rungs] == t.train["rung_tokens"][: len(rungs)] == budgets
             assert t.val_bpb == rungs[-1].val_bpb and t.train["tokens"] == rungs[-1].tokens
             # each rung's BPB is an Optuna intermediate value of the trial, at step = tokens
@@ -300,7 +300,7 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
     first = min(reached)
     assert reached[first] == 2  # the first trial at a rung has no one to lose to
     assert min(reached.values()) < 2, reached  # and with 5 trials, some stopped below the top
-    r = nas(["search", *RUNGS[:-4], "--rungs", "1", "--tokens", "36864", "--device", "host", "--trials", "1",
+    r = nas(["search", *RUNGS[:-4], "--rungs", "1", "--tokens", "18432", "--device", "host", "--trials", "1",
              "--db", db], env, tmp_path)
     assert r.returncode == 2 and "rungs" in r.stderr  # a study keeps its rungs
 

@@ -465,7 +465,8 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
     )  # fmt: skip
     env.store.refresh_pareto(study=cfg.study)
     record.state = "complete"
-    env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}, decode {m.decode_ms:.3f} ms ({m.label})")
+    at = f" after {result.tokens:,} tokens (rung {trained.rung + 1})" if len(trained.rung_tokens) > 1 else ""
+    env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}{at}, decode {m.decode_ms:.3f} ms ({m.label})")
     return [objectives[o] for o in cfg.objectives]
 
 
