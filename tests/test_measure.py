@@ -167,3 +167,15 @@ def test_cli_require_measured_refuses_an_estimate(cache: Path, tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "nas", "measure", "--device", "laptop", "--space", "tiny",
                            "--require-measured"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "can only be estimated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_device_fingerprint_changes_with_what_changes_the_speed(exported: Path):
+    from nas.stages.measure import device_fingerprint
+
+    host = load_profile("host")
+    fp = device_fingerprint(host)
+    assert fp == device_fingerprint(host) and len(fp) == 16
+    more_threads = host.model_copy(update={"runtime": host.runtime.model_copy(update={"threads": 7})})
+    assert device_fingerprint(more_threads) != fp
+    m = measure_local(exported, SPEC, host, **FAST)
+    assert m.provenance["fingerprint"] == fp  # what a later search matches before reusing it

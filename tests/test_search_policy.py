@@ -168,3 +168,30 @@ def test_a_deadline_that_is_met_leaves_no_alarm_behind():
     with deadline(60.0, "a quick stage"):
         pass
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is before
+
+
+def test_a_measurement_is_reused_on_the_same_machine_and_taken_again_on_another(config, monkeypatch):
+    import dataclasses
+
+    from nas.stages import measure
+
+    first = Search(config)
+    try:
+        first.run(n_trials=1)
+        (done,) = [t for t in first.study.trials if "arch_id" in t.user_attrs]
+        params = done.params
+    finally:
+        first.close()
+
+    def again(study: str) -> int:
+        s = Search(dataclasses.replace(config, study=study))
+        try:
+            s.study.enqueue_trial(params)  # the same architecture
+            s.run(n_trials=1)
+            return len(s.store.measurements(arch_id=done.user_attrs["arch_id"]))
+        finally:
+            s.close()
+
+    assert again("same-machine") == 1  # reused: same arch, profile, workload and fingerprint
+    monkeypatch.setattr(measure, "device_fingerprint", lambda runtime: "another-machine")
+    assert again("other-machine") == 2  # not passed off as this machine's: measured again

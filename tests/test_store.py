@@ -745,3 +745,16 @@ def test_a_trial_stopped_at_an_early_rung_never_hides_one_trained_longer(store):
     # the plain non-dominated set of the final values would have dropped A for F
     plain = non_dominated([[2.0, 2.0], [1.95, 1.9], [2.6, 2.5]], ["minimize", "minimize"])
     assert plain.tolist() == [False, True, False]
+
+
+def test_a_measurement_is_reused_only_under_the_fingerprint_it_was_taken_with(store):
+    a = store.upsert_architecture(spec=spec()).arch_id
+    key = {"arch_id": a, "profile": "host", "bitwidth": 32}
+    here = store.add_measurement(measurement(a, prefill_ms=1.0, decode_ms=0.1, provenance={"fingerprint": "aaaa"}))
+    store.add_measurement(measurement(a, prefill_ms=2.0, decode_ms=0.2, provenance={"fingerprint": "bbbb"}))
+    estimate = store.add_measurement(measurement(a, label="estimated:roofline", prefill_ms=3.0, decode_ms=0.3,
+                                                 provenance={"host": {"fingerprint": "cccc"}}))
+    assert store.find_measurement(**key, fingerprint="aaaa") == here
+    assert store.find_measurement(**key, fingerprint="cccc") == estimate  # an estimate rests on its host's
+    assert store.find_measurement(**key, fingerprint="dddd") is None  # another machine: measure again
+    assert store.find_measurement(**key) == estimate  # no filter: the newest

@@ -43,7 +43,13 @@ from nas.search.rungs import RungPlan
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
 from nas.spec.files import atomic_write
-from nas.spec.profile import HardwareProfile, analytic_budget_check, min_model_bytes, min_peak_memory_bytes
+from nas.spec.profile import (
+    HardwareProfile,
+    analytic_budget_check,
+    load_profile,
+    min_model_bytes,
+    min_peak_memory_bytes,
+)
 from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, Measurement, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
@@ -245,7 +251,7 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     # With the device in the cluster, an estimate cached from a run without it is not reused.
     labels = ["measured:*"] if cfg.require_measured or env.ray_measure is not None else None
     row = env.store.find_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
-                                     labels=labels, workload=workload)
+                                     labels=labels, workload=workload, fingerprint=_here(env))
     if row is not None:
         return row.to_measurement(), row.id, None
     # Only an estimate needs this host's calibration (the roofline scales its measurement).
@@ -382,6 +388,20 @@ def _checkpoint_path(cfg: SearchConfig, arch_id: str) -> Path:
 def _drop_checkpoint(ckpt: Path) -> None:
     for f in (ckpt, ckpt.with_suffix(".json")):
         f.unlink(missing_ok=True)
+
+
+def _here(env: TrialEnv) -> str | None:
+    """The fingerprint a figure for this profile would be taken under now: this machine with the
+    profile's runtime (local), or with the host's (an estimate scales a host measurement). None
+    on a device node of the cluster, which the driver cannot fingerprint: there the label
+    (``measured:<node>``) is what a reused figure must match."""
+    from nas.search.pipeline import HOST_PROFILE
+    from nas.stages.measure import device_fingerprint
+
+    if env.ray_measure is not None:
+        return None
+    where = env.profile.measurement.where
+    return device_fingerprint(env.profile if where == "local" else load_profile(HOST_PROFILE))
 
 
 def _train(spec: ArchSpec, tc: TokenizedCorpus, env: TrialEnv, n: int, *, until: int | None = None,

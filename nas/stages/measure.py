@@ -8,6 +8,7 @@ here as a MeasurementError with its reason, never as a crash of the caller.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -39,6 +40,30 @@ def pinned_cores(threads: int) -> list[int]:
     may run on, so that another process's load does not show up as latency."""
     available = sorted(os.sched_getaffinity(0))
     return available[: max(1, min(threads, len(available)))]
+
+
+def device_fingerprint(runtime: HardwareProfile) -> str:
+    """A hash of what changes this machine's speed for a measurement on ``runtime``'s settings:
+    the CPU model and the cores it may use, the frequency governor where readable, the thread
+    count and execution provider, and the versions of ONNX Runtime, numpy and Python. A stored
+    measurement is reused only under the same fingerprint: figures taken on another machine, or
+    with another runtime, are taken again rather than passed off as this one's."""
+    import platform
+
+    import numpy
+    import onnxruntime
+
+    from nas.stages.measure_worker import cpu_model
+
+    try:
+        governor = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor").read_text().strip()
+    except OSError:
+        governor = "unknown"
+    facts = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "governor": governor,
+             "threads": runtime.runtime.threads, "provider": runtime.runtime.execution_provider,
+             "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+             "python": platform.python_version()}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def measure_local(
@@ -107,7 +132,8 @@ def measure_local(
         peak_memory_bytes=result["peak_rss_bytes"],
         model_bytes=result["model_bytes"],
         workload=workload,
-        provenance={**result["provenance"], "baseline_rss_bytes": result["baseline_rss_bytes"],
+        provenance={**result["provenance"], "fingerprint": device_fingerprint(runtime_profile),
+                    "baseline_rss_bytes": result["baseline_rss_bytes"],
                     "session_load_s": round(result["session_load_s"], 3), "peak_reset": result["peak_reset"]},
     )
 

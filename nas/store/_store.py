@@ -202,13 +202,16 @@ class Store:
         bitwidth: int,
         labels: Iterable[str] | None = None,
         workload: Mapping[str, Any] | None = None,
+        fingerprint: str | None = None,
     ) -> MeasurementRow | None:
         """The latest successful measurement for (arch_id, profile, bitwidth), or None.
 
         Failed attempts never count. ``labels`` keeps only those labels (``measured:*`` matches
         any node); ``workload`` keeps only rows whose workload has those values (a row
         also records how it was run: warm-up, repeats), so that a profile whose prompt or context
-        length changed is measured again.
+        length changed is measured again. ``fingerprint`` keeps only rows taken on a machine with that
+        fingerprint (``provenance.fingerprint``, or an estimate's ``provenance.host.fingerprint``):
+        a figure is reused only where it was taken.
         """
         query = (
             select(MeasurementModel)
@@ -224,8 +227,11 @@ class Store:
             query = query.where(_label_filter(list(labels)))
         with self._read() as s:
             for row in s.scalars(query):
-                if workload is None or all((row.workload or {}).get(k) == v for k, v in workload.items()):
-                    return _measurement_row(row)
+                if workload is not None and not all((row.workload or {}).get(k) == v for k, v in workload.items()):
+                    continue
+                if fingerprint is not None and fingerprint not in _fingerprints(row.provenance or {}):
+                    continue
+                return _measurement_row(row)
         return None
 
     def get_measurement(self, *, id: int) -> MeasurementRow:
@@ -611,6 +617,14 @@ def _jsonable(value: Any) -> Any:
     """The value as a reader will get it back: through the JSON columns' own serializer (numpy
     made plain, NaN made null, tuples made lists), so the row a write returns equals a read."""
     return None if value is None else json.loads(json_dumps(value))
+
+
+def _fingerprints(provenance: Mapping[str, Any]) -> set[str]:
+    """The machine fingerprints a measurement's figures rest on: its own, and for an estimate
+    the host measurement's it was scaled from."""
+    host = provenance.get("host")
+    found = {provenance.get("fingerprint"), host.get("fingerprint") if isinstance(host, Mapping) else None}
+    return {f for f in found if isinstance(f, str)}
 
 
 def _label_filter(labels: list[str]) -> Any:
