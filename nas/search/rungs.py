@@ -28,6 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nas.spec.errors import NasError
+from nas.store import non_dominated
+
+
+class RungPlanError(NasError, ValueError):
+    """Rungs that cannot be: fewer than one, a growth below 2, or no budget to split."""
+
 
 @dataclass(frozen=True)
 class RungPlan:
@@ -41,7 +48,8 @@ class RungPlan:
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.eta < 2 or self.top_tokens < 1:
-            raise ValueError(f"rungs need count >= 1, eta >= 2 and a budget: {self}")
+            raise RungPlanError(f"--rungs must be >= 1 and --eta >= 2 with a token budget, got {self.count}, "
+                                f"{self.eta} and {self.top_tokens} tokens")
 
     def tokens(self) -> list[int]:
         """Each rung's budget in tokens, smallest first."""
@@ -54,19 +62,14 @@ class RungPlan:
 
 def nondominated_ranks(points: np.ndarray) -> np.ndarray:
     """Front index of each row (0: not dominated; 1: dominated only by front 0; ...), all
-    objectives minimized. O(n^2) per front: rung peers number in the hundreds at most."""
-    n = len(points)
-    ranks = np.full(n, -1, dtype=int)
-    remaining = np.arange(n)
+    objectives minimized: the store's non-dominated set, peeled front by front."""
+    ranks = np.full(len(points), -1, dtype=int)
+    remaining = np.arange(len(points))
     front = 0
     while remaining.size:
-        sub = points[remaining]
-        # i is dominated if some j is <= everywhere and < somewhere
-        le = (sub[None, :, :] <= sub[:, None, :]).all(axis=2)
-        lt = (sub[None, :, :] < sub[:, None, :]).any(axis=2)
-        dominated = (le & lt).any(axis=1)
-        ranks[remaining[~dominated]] = front
-        remaining = remaining[dominated]
+        on_front = non_dominated(points[remaining], ["minimize"] * points.shape[1])
+        ranks[remaining[on_front]] = front
+        remaining = remaining[~on_front]
         front += 1
     return ranks
 
@@ -91,6 +94,8 @@ def ranking(peers: Mapping[int, Sequence[float]]) -> list[int]:
     first), then by number (who reached the rung first)."""
     numbers = sorted(peers)
     points = np.array([list(peers[n]) for n in numbers], dtype=float)
+    # a figure that was not taken (inf) ranks worst, as the largest finite value
+    points = np.where(np.isfinite(points), points, np.finfo(float).max)
     ranks = nondominated_ranks(points)
     crowd = np.zeros(len(numbers))
     for front in np.unique(ranks):

@@ -176,8 +176,6 @@ class Search:
         if cfg.sampler not in SAMPLERS:
             raise NasError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         check_study_name(cfg.study)  # it names the artifacts folder: never a path out of it
-        if cfg.rungs < 1 or cfg.eta < 2:
-            raise NasError(f"--rungs must be >= 1 and --eta >= 2, got {cfg.rungs} and {cfg.eta}")
         if not cfg.stage_deadline_factor > 0:
             raise NasError(f"stage_deadline_factor must be > 0, got {cfg.stage_deadline_factor}")
         from nas.stages.data import load_corpus
@@ -193,14 +191,14 @@ class Search:
         self.space: SearchSpace = load_space(cfg.space)
         self.profile: HardwareProfile = load_profile(cfg.device)
         self.train = cfg.train or self.space.training
+        if cfg.rungs > 1 and self.train.seconds is not None:
+            raise NasError("rungs need a token budget: the space's training sets seconds, which a rung cannot split")
+        self.rungs = RungPlan(self.train.tokens, count=cfg.rungs, eta=cfg.eta)  # checked before the study opens
         self.store = Store(cfg.db_url)
         self.resources = Resources(load_corpus(cfg.data, max_bytes=cfg.max_bytes), self.events)
         self._storage = _optuna_storage(cfg)
         self.study = self._open_study()
         self._study_id = self._storage.get_study_id_from_name(cfg.study)
-        if cfg.rungs > 1 and self.train.seconds is not None:
-            raise NasError("rungs need a token budget: the space's training sets seconds, which a rung cannot split")
-        self.rungs = RungPlan(self.train.tokens, count=cfg.rungs, eta=cfg.eta)
         self.ray_measure: RayMeasure | None = None
         """Set by the Ray executor (nas.search.ray_executor) where a node advertises the
         profile's resource: the measure stage then runs on that node, labelled with it."""

@@ -364,8 +364,8 @@ def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, b
         f = figures.get(r.measurement_id)
         if f is not None:
             peers[r.number] = [r.val_bpb if o == "val_bpb" else _figure(env, f, o) for o in env.cfg.objectives]
-    mine = m.figures() | {"arch_id": spec.arch_id}
-    peers[n] = [bpb if o == "val_bpb" else _figure(env, mine, o) for o in env.cfg.objectives]
+    mine = objective_values(spec, m, bpb)
+    peers[n] = [mine.get(o, float("inf")) for o in env.cfg.objectives]
     d = decide(n, peers, plan.eta)
     tokens = plan.tokens()[rung]
     env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, {d}")

@@ -732,14 +732,15 @@ def _front_at_common_rungs(ids: np.ndarray, points: np.ndarray, objs: Sequence[O
     bpb = [i for i, o in enumerate(objs) if o.name == "val_bpb"]
     if not rungs or not bpb:
         return ids[non_dominated(points, directions)]
-    top = {int(t): max(rungs.get(int(t), {0: 0.0})) for t in ids}
+    # rungs are recorded in order from 0, so a trial that reached rung k has a BPB for every
+    # rung up to k; a trial without rungs counts as stopped at rung 0 with its own BPB
+    top = {int(t): max(rungs[int(t)]) if int(t) in rungs else 0 for t in ids}
     front: list[int] = []
     for k in sorted(set(top.values())):
-        reached = [i for i, t in enumerate(ids) if top[int(t)] >= k and k in rungs.get(int(t), {k: None})]
+        reached = [i for i, t in enumerate(ids) if top[int(t)] >= k]
         at_k = points[reached].copy()
         for row, i in enumerate(reached):
-            if k in rungs.get(int(ids[i]), {}):
-                at_k[row, bpb[0]] = rungs[int(ids[i])][k]
+            at_k[row, bpb[0]] = rungs.get(int(ids[i]), {}).get(k, at_k[row, bpb[0]])
         mask = non_dominated(at_k, directions)
         front += [int(ids[i]) for row, i in enumerate(reached) if mask[row] and top[int(ids[i])] == k]
     return np.asarray(sorted(front), dtype=np.int64)
