@@ -33,3 +33,12 @@ def spread(values: Iterable[float]) -> dict[str, float]:
     """Median, min and max: how every benchmark reports repeated figures."""
     v = [float(x) for x in values]
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-a over all pairs (ties count as neither concordant nor discordant)."""
+    n, s = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += ((a[i] > a[j]) - (a[i] < a[j])) * ((b[i] > b[j]) - (b[i] < b[j]))
+    return 2 * s / (n * (n - 1))

@@ -26,20 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import kendall_tau
 
 from nas.search.pipeline import host_setup
 from nas.spec.space import load_space
 from nas.stages.export import export_spec
 from nas.stages.measure import measure_local
-
-
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-a over all pairs (ties count as neither concordant nor discordant)."""
-    n, s = len(a), 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            s += int(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]))
-    return 2 * s / (n * (n - 1))
 
 
 def main() -> None:

@@ -81,3 +81,17 @@ def test_store_scale_times_the_front_through_store_cli_and_web(tmp_path: Path) -
     ops = doc["summary"]["sqlite"]
     assert {"Store.refresh_pareto", "Store.pareto", "nas pareto (CLI subprocess)"} <= ops.keys()
     assert all(v["median"] > 0 and v["min"] <= v["median"] <= v["max"] for v in ops.values())
+
+
+def test_fidelity_ranks_rungs_against_a_longer_run_under_each_rule(tmp_path):
+    doc = run_bench("fidelity", tmp_path)
+    assert set(doc["summary"]) == {"width", "constant"}
+    for rule in ("width", "constant"):
+        rungs = doc["summary"][rule]["rungs"]
+        assert [r["tokens"] for r in rungs] == sorted(r["tokens"] for r in rungs)
+        assert all(-1 <= r["kendall_tau_vs_reference"] <= 1 and r["seed_std_median"] >= 0 for r in rungs)
+    for arch in doc["archs"]:  # every arch: each rung's BPB under each rule and seed, and its reference
+        assert arch["reference"]["tokens"] > arch["runs"]["width"]["0"]["tokens"][-1]
+        assert all(len(arch["runs"][rule][seed]["bpb"]) == 3 for rule in ("width", "constant") for seed in ("0", "1"))
+    again = run_bench("fidelity", tmp_path)  # a second run with the same settings has nothing left to do
+    assert again["archs"] == doc["archs"]

@@ -129,6 +129,33 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(50, 100, 10, cfg, progress=1.0) == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_width_rule_scales_hidden_matrices_only(tied):
+    from nas.stages.model import build_model
+    from nas.stages.train import make_optimizer, train_step
+
+    cfg = TrainConfig(lr=1e-3, lr_rule="width", lr_base_width=64)
+    spec = make("gqa", d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, tied_embeddings=tied)
+    model = build_model(spec)
+    opt = make_optimizer(model, cfg)
+    rate = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert len(rate) == len({id(p) for p in model.parameters()})  # every parameter once, tied or not
+    named = dict(model.named_parameters())
+    assert rate[id(named["tok_emb.weight"])] == 1.0
+    assert rate[id(model.lm_head.weight)] == 1.0
+    for name, p in named.items():
+        if p.dim() < 2:
+            assert rate[id(p)] == 1.0, name  # norm gains
+        elif not name.startswith(("tok_emb.", "lm_head.")):
+            assert rate[id(p)] == pytest.approx(0.5), name  # 64 / 128
+    # each group's rate follows the schedule at its own factor
+    x = torch.randint(0, spec.vocab_size, (2, 16))
+    train_step(model, opt, x, x, lr=2e-3, grad_clip=1.0, use_bf16=False, step=0, total_steps=1)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-3, 2e-3])
+    constant = make_optimizer(build_model(spec), cfg.updated(lr_rule="constant"))
+    assert {g["lr_scale"] for g in constant.param_groups} == {1.0}
+
+
 def test_a_corpus_of_another_vocabulary_is_refused(stdlib_512):
     with pytest.raises(TrainingError, match="vocab"):
         train_brief(make("gqa", vocab_size=1024, context_length=64), stdlib_512, CFG)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,18 @@ class TrainConfig(BaseModel):
     the cosine schedule follows the larger of the two progress fractions."""
     batch_size: int = Field(16, gt=0)
     lr: float = Field(3e-3, gt=0)
+    """Peak learning rate of a model ``lr_base_width`` wide (and of the embedding and norms of any)."""
+    lr_rule: Literal["width", "constant"] = "constant"
+    """How the peak rate follows the architecture. ``width``: the hidden matrices (attention and
+    FFN projections) of a model ``d_model`` wide get ``lr * lr_base_width / d_model``, the token
+    embedding, the lm_head and the norm gains ``lr`` itself: Adam's update of a matrix moves its
+    output by about lr x fan-in, so one rate for every width trains a wide model too hot and a narrow
+    one too cold, and the brief ranking then favours the widths the rate suits (muP, Yang et al.
+    2022, Table 3, for Adam). ``constant`` (the default, and what studies made before the rule
+    trained with): ``lr`` for every parameter. A space chooses its rule and base width in its
+    ``training:`` section, where its widths are known."""
+    lr_base_width: int = Field(256, gt=0)
+    """The width at which ``lr`` is every parameter's rate under the ``width`` rule."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine decays to lr * min_lr_ratio."""
     warmup_tokens_frac: float = Field(0.1, ge=0, lt=1)

@@ -82,25 +82,49 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig, prog
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def lr_scale(name: str, param: torch.Tensor, spec: ArchSpec | None, cfg: TrainConfig) -> float:
+    """The factor on the peak learning rate of parameter ``name`` (``TrainConfig.lr_rule``): under
+    ``width``, base width / d_model for the hidden matrices, 1 for the embedding, the lm_head (tied
+    or not: it is the embedding's table) and every vector (norm gains)."""
+    if spec is None or cfg.lr_rule == "constant" or param.dim() < 2 or name.startswith(("tok_emb.", "lm_head.")):
+        return 1.0
+    return cfg.lr_base_width / spec.d_model
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Decay matrices only: decaying norm gains pulls them towards 0 for no benefit.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    """AdamW over ``model``, one group per (weight decay, learning-rate factor); ``train_step``
+    sets each group's rate from the schedule. A Decoder's ``spec`` sets the width rule's factors;
+    another module (a reference implementation in a benchmark) trains every parameter at ``lr``."""
+    spec: ArchSpec | None = getattr(model, "spec", None)
+    if spec is None:
+        cfg = cfg.updated(lr_rule="constant")
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():  # a tied table is listed once, under tok_emb
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        # Decay matrices only: decaying norm gains pulls them towards 0 for no benefit.
+        groups.setdefault((p.dim() >= 2, lr_scale(name, p, spec, cfg)), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale, "lr_scale": scale}
+         for (decay, scale), ps in sorted(groups.items())],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    )
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                lr: float, grad_clip: float, use_bf16: bool, step: int, total_steps: int) -> float:
-    """One optimizer step at learning rate ``lr``; returns the batch's loss (nats/token).
+    """One optimizer step at the schedule's learning rate ``lr`` (times each parameter group's
+    ``lr_scale``); returns the batch's loss (nats/token).
 
     Shared by the brief training here and the full training of ``nas.winner.fulltrain``, so that a model
     trained fully is trained exactly as the search trained it, only for longer. ``model`` may be a
     ``torch.compile`` wrapper. A non-finite loss raises TrainingError naming the step (counted
     from 1) and the learning rate, before the weights are touched.
     """
-    for group in opt.param_groups:
-        group["lr"] = lr
+    for group in opt.param_groups:  # each group at its factor of the schedule's rate (make_optimizer)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
         logits = model(x)
     loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))

@@ -117,6 +117,10 @@ class RunConfig(BaseModel):
     checkpoint_every: int
     log_every: int
     keep_checkpoints: int = 2
+    lr_rule: Literal["width", "constant"] = "constant"
+    """The brief training's per-parameter rule (``TrainConfig.lr_rule``); a run saved before the
+    rule existed trained every parameter at ``lr`` and resumes so."""
+    lr_base_width: int = 256
 
     def train_config(self) -> TrainConfig:
         """The brief-training value the shared optimizer and schedule read."""
@@ -124,7 +128,7 @@ class RunConfig(BaseModel):
             tokens=self.tokens, batch_size=self.batch_size, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
             warmup_tokens_frac=min(0.99, self.warmup_steps / self.total_steps), weight_decay=self.weight_decay,
             beta1=self.beta1, beta2=self.beta2, grad_clip=self.grad_clip, eval_tokens=self.eval_tokens,
-            seed=self.seed, log_every=self.log_every,
+            seed=self.seed, log_every=self.log_every, lr_rule=self.lr_rule, lr_base_width=self.lr_base_width,
         )
 
 
@@ -234,7 +238,7 @@ def resolve_run(export: WinnerExport, overrides: Overrides, corpus_fingerprint: 
         weight_decay=brief.weight_decay, beta1=brief.beta1, beta2=brief.beta2, grad_clip=brief.grad_clip,
         seed=brief.seed, eval_every=overrides.eval_every or recipe["eval_every"], eval_tokens=brief.eval_tokens,
         checkpoint_every=overrides.checkpoint_every or recipe["checkpoint_every"],
-        log_every=max(1, min(100, steps // 200)),
+        log_every=max(1, min(100, steps // 200)), lr_rule=brief.lr_rule, lr_base_width=brief.lr_base_width,
     )
     if previous is None:
         return fresh

@@ -69,6 +69,8 @@ def suggest_recipe(spec: ArchSpec, brief: TrainConfig, *, tokens: int | None = N
         "params": n, "non_embedding_params": spec.non_embedding_params(), "token_budgets": budgets,
         "tokens": tokens, "tokens_per_param": tokens / n, "context_length": T, "batch_size": batch_size,
         "tokens_per_step": batch_size * T, "steps": steps, "lr": lr, "lr_rule": lr_rule,
+        # the brief training's per-parameter factor (TrainConfig.lr_rule) carries over unchanged
+        "hidden_lr": lr * (brief.lr_base_width / spec.d_model if brief.lr_rule == "width" else 1.0),
         "warmup_steps": min(max(100, round(0.02 * steps)), 2000, max(1, steps // 10)),
         "schedule": "linear warm-up, then cosine decay to min_lr_ratio x lr (nas.stages.train.lr_at)",
         "min_lr_ratio": brief.min_lr_ratio,
