@@ -232,3 +232,27 @@ def test_sigterm_stops_a_ray_search_and_queues_its_running_trials_again(env, clu
     assert stopped and all("queued again" in t.failure_reason for t in stopped)
     waiting = optuna.load_study(study_name="tiny-host", storage=db).get_trials(states=[optuna.trial.TrialState.WAITING])
     assert len(waiting) >= len(stopped)
+
+
+def test_rungs_run_through_ray_workers_sharing_the_rung_results(env, cluster, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", "--space", "tiny", "--max-bytes", "300000", "--rungs", "3", "--eta", "3", "--tokens", "18432",
+             "--device", "host", "--trials", "2", "--db", db, "--executor", "ray", "--workers", "2",
+             "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    with Store(db) as store:
+        counted = [t for t in store.trials(study="tiny-host") if t.failed_stage != "sample"]
+        assert all(t.state in ("complete", "infeasible") for t in counted), [t.failure_reason for t in counted]
+        complete = [t for t in counted if t.state == "complete"]
+        rungs = {t.number: [g.tokens for g in store.trial_rungs(study="tiny-host", number=t.number)] for t in complete}
+        noise = store.noise(study="tiny-host")
+    assert all(v == [2048, 6144, 18432][: len(v)] and v for v in rungs.values()), rungs
+    assert max(len(v) for v in rungs.values()) == 3  # the first trial at each rung goes on
+    # 2 trials' worth of training: a worker starts no trial once the study has run that much; the
+    # trials already running when it got there finish (at most one per other worker)
+    shares = sorted((max(2048, (t.train or {}).get("tokens", 0)) / 18432 for t in counted), reverse=True)
+    finished_order = [max(2048, (t.train or {}).get("tokens", 0)) / 18432
+                      for t in sorted(counted, key=lambda t: t.finished_at)]
+    assert sum(shares) >= 2 - 1e-9 and sum(finished_order[:-2]) < 2
+    # the seed spread was measured once, whichever worker got there first
+    assert noise is not None and noise.seeds == (0, 1, 2) and noise.tokens == 2048

@@ -4,6 +4,8 @@ store from a synthetic study that holds every kind of trial (tests/browse_helper
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 import subprocess
 import sys
@@ -87,6 +89,26 @@ def test_pareto_figure_marks_front_budget_and_where_each_latency_came_from(data)
     est = _traces(fig, "estimated")[0]
     assert set(est.marker.symbol) == {"diamond"}  # the shape says it too, not only the hover
     assert any(f"budget {DECODE_BUDGET_MS:g}" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_pareto_figure_draws_each_tokenizers_baselines_and_flags_trials_above_them(data):
+    complete = [p for p in data.points if p.state == "complete"]
+    flagged = [p for p in complete if p.beats_bigram is False]
+    assert flagged and len(flagged) < len(complete)  # the synthetic study has both kinds
+    assert all(p.figures["val_bpb"] >= p.baselines["bigram_bpb"] for p in flagged)
+    assert [(v, b) for v, _, b in data.baselines()] == [(1024, 2.75), (512, 3.6)]
+    fig = plots.pareto_figure(data)
+    lines = {round(s.y0, 4) for s in fig.layout.shapes if s.y0 == s.y1}
+    assert {2.75, 3.6} <= lines  # both bigram lines; the unigram ones lie far above the points
+    notes = " ".join(a.text for a in fig.layout.annotations)
+    assert "bigram V1024 2.750" in notes and "bigram V512 3.600" in notes
+    assert f"{len(flagged)} trial(s) not below their bigram baseline" in fig.layout.title.text
+    assert "unigram V512 4.900" in fig.layout.title.text
+    hovers = {n: t for tr in fig.data if tr.customdata is not None for n, t in zip(tr.customdata, tr.text, strict=True)}
+    assert "not below its bigram baseline" in hovers[flagged[0].number]
+    fine = next(p for p in complete if p.beats_bigram and p.feasible)
+    assert "bigram 3.6000" in hovers[fine.number] or "bigram 2.7500" in hovers[fine.number]
+    assert "not below" not in hovers[fine.number]
 
 
 def test_pareto_figure_colours_by_a_spec_field_as_categories(data):
@@ -178,3 +200,48 @@ def test_png_is_drawn_by_the_system_chromium(data, tmp_path, monkeypatch):
     assert (width, height) == (2000, 1200)  # twice the pixels of 1000 x 600
     assert len(raw) > 40_000  # points, axes and text, not a blank page
     keep_artifact(path)
+
+
+def test_nas_pareto_gives_each_trials_baselines_and_flags_the_ones_not_below_bigram(db, tmp_path):
+    r = nas(["pareto", "synthetic", "--db", db, "--json"], ROOT)
+    assert r.returncode == 0, r.stderr
+    front = json.loads(r.stdout)["front"]
+    assert front and all(row["bigram_bpb"] in (2.75, 3.6) and row["unigram_bpb"] in (4.7, 4.9) for row in front)
+    for row in front:
+        assert row["beats_bigram"] == (row["val_bpb"] < row["bigram_bpb"])
+    r = subprocess.run([sys.executable, "-m", "nas", "pareto", "synthetic", "--db", db], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == 0 and "bigram" in r.stdout and "unigram" in r.stdout
+    assert ("≥ bigram" in r.stdout) == any(row["beats_bigram"] is False for row in front)
+
+
+def test_the_seed_spread_is_each_bpbs_error_bar_and_marks_front_points_within_noise(db, data):
+    from tests.browse_helpers import NOISE_BPBS
+
+    assert data.noise is not None and data.noise.std == pytest.approx(0.03)
+    assert data.noise.bpbs == NOISE_BPBS and data.noise.seeds == (0, 1, 2) and data.noise.trial_number == 0
+    close = data.within_noise()
+    front = {p.number: p.figures["val_bpb"] for p in data.points if p.on_front}
+    assert set(close) == set(front)
+    for n, others in close.items():  # symmetric, and exactly the pairs closer than 2 std
+        assert all(n in close[m] for m in others)
+        assert set(others) == {m for m in front if m != n and abs(front[m] - front[n]) < 0.06}
+    fig = plots.pareto_figure(data)
+    bars = [t.error_y for t in fig.data if t.customdata is not None and t.error_y is not None and t.error_y.value]
+    assert bars and all(b.value == pytest.approx(0.03) for b in bars)
+    assert "BPB bars: ±0.0300, the seed spread (3 seeds at 20,480 tokens)" in fig.layout.title.text
+    assert ("BPB seed spread", "±0.0300 (3 seeds of trial 0's architecture at 20,480 tokens)") in \
+        plots.study_facts(data)
+    r = nas(["pareto", "synthetic", "--db", db, "--json"], ROOT)
+    doc = json.loads(r.stdout)
+    assert doc["noise"]["std"] == pytest.approx(0.03) and doc["noise"]["tokens"] == 20480
+    assert {row["number"]: row["within_noise_of"] for row in doc["front"]} == close
+
+
+def test_a_study_without_noise_draws_no_error_bars(db):
+    with Store(db) as store:
+        other = plots.load_study(store, "other")
+    assert other.noise is None and all(not v for v in other.within_noise().values())
+    fig = plots.pareto_figure(other)
+    assert all(t.error_y is None or not t.error_y.value for t in fig.data)
+    assert "seed spread" not in fig.layout.title.text

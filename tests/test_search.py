@@ -204,7 +204,7 @@ def test_a_search_killed_mid_trial_resumes_without_losing_finished_trials(env, t
     finished = {n: t.val_bpb for n, t in before.items() if t.state == "complete"}
     assert len(killed) == 1 and finished
 
-    r = nas(["search", *FAST, "--tokens", "40000", "--device", "host", "--trials", "2", "--db", db], env, tmp_path)
+    r = nas(["search", *FAST, "--tokens", "40000", "--device", "host", "--trials", "3", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"trial {killed[0]} was left running: failed, its worker" in r.stdout
     assert "parameters queued again (retry 1 of 1)" in r.stdout
@@ -279,7 +279,8 @@ RUNGS = ["--space", "tiny", "--max-bytes", "300000", "--rungs", "3", "--eta", "3
 
 def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "5", "--db", db], env, tmp_path)
+    # --trials counts trials' worth of training: a trial stopped at a rung counts its share
+    r = nas(["search", *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "3", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rung 1 (2,048 tokens): BPB" in r.stdout and "goes on" in r.stdout
     ostudy = optuna.load_study(study_name="tiny-host", storage=db)
@@ -297,9 +298,27 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
             # each rung's BPB is an Optuna intermediate value of the trial, at step = tokens
             assert by_number[t.number].intermediate_values == {g.tokens: g.val_bpb for g in rungs}
             reached[t.number] = t.train["rung"]
+        by_arch = {t.number: t.arch_id for t in complete}
+        counted = [t for t in store.trials(study="tiny-host") if not (t.state == "infeasible"
+                                                                     and t.failed_stage == "sample")]
+        shares = [max(2048, (t.train or {}).get("tokens", 0)) / 18432 for t in counted]
+        noise = store.noise(study="tiny-host")
+        first_rung = store.trial_rungs(study="tiny-host", number=min(reached))[0]
+    # the seed spread, once: the first complete trial's architecture under 2 more seeds, to rung 1
+    assert (noise.seeds, noise.tokens, noise.trial_number) == ((0, 1, 2), 2048, min(reached))
+    assert noise.arch_id == by_arch[min(reached)] and noise.bpbs[0] == first_rung.val_bpb
+    assert noise.std is not None and noise.std > 0 and len(set(noise.bpbs)) == 3
+    assert r.stdout.count("seed noise: training trial") == 2 and "seed noise of BPB at 2,048 tokens: std" in r.stdout
     first = min(reached)
     assert reached[first] == 2  # the first trial at a rung has no one to lose to
-    assert min(reached.values()) < 2, reached  # and with 5 trials, some stopped below the top
+    assert min(reached.values()) < 2, reached  # and some stopped below the top
+    assert sum(shares) >= 3 - 1e-9 and sum(shares[:-1]) < 3  # it ran until 3 trials' worth, not one more
+    assert len(counted) > 3  # trials stopped early cost less than one each: more of them ran
+    # stdout is not a terminal here: a progress line after every counted trial, for a log file
+    progress = [line for line in r.stdout.splitlines() if line.startswith("progress: ")]
+    assert len(progress) == len(counted)
+    assert progress[-1].startswith(f"progress: {len(counted)} trials, {sum(shares):.2f} of 3 trials' worth")
+    assert "trials' worth of training)" in r.stdout  # the closing line says it too
     r = nas(["search", *RUNGS[:-4], "--rungs", "1", "--tokens", "18432", "--device", "host", "--trials", "1",
              "--db", db], env, tmp_path)
     assert r.returncode == 2 and "rungs" in r.stderr  # a study keeps its rungs

@@ -163,7 +163,7 @@ def test_a_schema_newer_than_the_code_asks_for_a_newer_nas(db_url):
             Store(db_url, upgrade=flag)
 
 
-def test_a_0001_database_with_trials_upgrades_to_0002_keeping_them(db_url):
+def test_a_0001_database_with_trials_upgrades_to_0002_and_0003_keeping_them(db_url):
     assert upgrade(db_url, "0001") == (None, "0001")
     engine = make_engine(db_url)
     assert "nas_rungs" not in inspect(engine).get_table_names()
@@ -191,6 +191,8 @@ def test_a_0001_database_with_trials_upgrades_to_0002_keeping_them(db_url):
         Store(db_url, upgrade=False)
 
     assert upgrade(db_url, "0002") == ("0001", "0002")
+    assert "nas_noise" not in inspect(make_engine(db_url)).get_table_names()
+    assert upgrade(db_url) == ("0002", head_revision())  # 0003 adds the noise table beside the rows
     with Store(db_url) as s:  # at head from here on, whatever later revisions add
         assert schema_diff(db_url) == []
         assert s.get_study(name="old").trial_counts == {"running": 1, "complete": 1, "failed": 0, "infeasible": 0}
@@ -200,6 +202,7 @@ def test_a_0001_database_with_trials_upgrades_to_0002_keeping_them(db_url):
         assert s.trial_rungs(study="old", number=1) == []
         s.record_rung(study="old", number=1, rung=0, tokens=4096, val_bpb=2.4, seconds=1.0)
         assert [(r.number, r.val_bpb) for r in s.rung_results(study="old", rung=0)] == [(1, 2.4)]
+        assert s.noise(study="old") is None
 
 
 @pytest.mark.parametrize("order", ["optuna_first", "nas_first"])
@@ -488,6 +491,28 @@ def test_rungs_are_recorded_as_trials_run_and_read_by_rung(store):
         store.trial_rungs(study="s", number=9)
     with pytest.raises(StoreError, match="no study named 'nope'"):
         store.rung_results(study="nope", rung=0)
+
+
+def test_a_studys_noise_keeps_the_first_result_of_each_seed_of_one_run(store):
+    new_study(store)
+    new_study(store, "other")
+    a, b = (store.upsert_architecture(spec=spec(d_model=d)).arch_id for d in (64, 96))
+    assert store.noise(study="s") is None
+    assert store.record_noise(study="s", arch_id=a, tokens=4096, seed=0, val_bpb=2.5, trial_number=3)
+    assert store.noise(study="s").std is None  # one seed: no spread yet
+    assert store.record_noise(study="s", arch_id=a, tokens=4096, seed=2, val_bpb=np.float64(2.6))
+    assert not store.record_noise(study="s", arch_id=a, tokens=4096, seed=2, val_bpb=9.9)  # a second worker's
+    store.record_noise(study="other", arch_id=b, tokens=8192, seed=0, val_bpb=1.0)
+    n = store.noise(study="s")
+    assert (n.arch_id, n.tokens, n.seeds, n.bpbs, n.trial_number) == (a, 4096, (0, 2), (2.5, 2.6), 3)
+    assert n.std == pytest.approx(0.0707107, rel=1e-5)
+    for bad, says in (({"arch_id": b}, "noise is of"), ({"tokens": 8192}, "noise is of"),
+                      ({"val_bpb": float("nan")}, "finite"), ({"tokens": 0}, "positive")):
+        with pytest.raises(StoreError, match=says):
+            store.record_noise(study="s", **{"arch_id": a, "tokens": 4096, "seed": 5, "val_bpb": 2.4, **bad})
+    with pytest.raises(StoreError, match="no study"):
+        store.noise(study="nope")
+    assert n.within({1: 2.0, 2: 2.1, 3: 2.2, 4: 2.5}) == {1: [2], 2: [1, 3], 3: [2], 4: []}  # closer than 2 std
 
 
 def test_a_rung_is_refused_unless_it_is_the_running_trials_next_with_a_finite_score(store, db_url):

@@ -78,6 +78,32 @@ def test_study_page_has_the_table_and_loads_plotly_from_this_server(client, db):
     assert js.status_code == 200 and len(js.content) > 1_000_000
 
 
+def test_trial_table_shows_each_trials_bigram_baseline_and_flags_the_ones_not_below_it(client, db):
+    r = client.get("/study/synthetic")
+    rows = re.findall(r'<tr class="clickable[^"]*" data-number="(\d+)".*?</tr>', r.text, flags=re.S)
+    assert rows and "<th class=\"num\">bigram</th>" in r.text
+    with Store(db) as store:
+        trials = {t.number: t for t in store.trials(study="synthetic")}
+    flagged = {n for n, t in trials.items() if t.val_bpb is not None and t.val_bpb >= t.baselines["bigram_bpb"]}
+    assert flagged
+    for row in re.findall(r'(<tr class="clickable[^"]*" data-number="(\d+)".*?</tr>)', r.text, flags=re.S):
+        assert ("≥ bigram" in row[0]) == (int(row[1]) in flagged)
+
+
+def test_trial_table_marks_front_trials_within_noise_of_each_other(client, db):
+    with Store(db) as store:
+        from nas.faces import plots
+
+        close = plots.load_study(store, "synthetic").within_noise()
+    assert any(close.values())  # the synthetic study has some
+    r = client.get("/study/synthetic")
+    assert "BPB seed spread" in r.text
+    for row, number in re.findall(r'(<tr class="clickable[^"]*" data-number="(\d+)".*?</tr>)', r.text, flags=re.S):
+        others = close.get(int(number), [])
+        marked = re.search(r"≈ ((?:#\d+ )+)", row)
+        assert (marked.group(1).split() if marked else []) == [f"#{n}" for n in others]
+
+
 def test_json_api_returns_the_trials_the_front_and_the_figures(client, db):
     with Store(db) as store:
         trials = store.trials(study="synthetic")
@@ -435,7 +461,7 @@ def test_table_sorts_and_filters_in_place(page, server, db):
     page.click("th a[data-sort=val_bpb]")
     page.wait_for_selector('#trial-rows[data-view*="sort=val_bpb"]', state="attached")
     bpb = page.locator("#trial-rows tr td:nth-child(5)").all_inner_texts()
-    values = [float(v) for v in bpb]
+    values = [float(v.split()[0]) for v in bpb]  # a BPB not below its bigram baseline carries a flag
     assert values == sorted(values)
 
 

@@ -47,9 +47,20 @@ class SearchConfig:
     trial on the whole budget; 3 scores at 1/9, 1/3 and all of it, a trial going on only while in
     the top 1/eta at its rung."""
     eta: int = 3
+    noise_seeds: int | None = None
+    """Extra training seeds of one architecture that measure the study's seed spread of BPB
+    (``nas.search.noise``); None: 2 with rungs (they train to the first rung only), 0 without
+    (they would cost two whole trainings: ask for them)."""
     stage_deadline_factor: float = 10.0
     """The export and score stages fail a trial past this many times their normal cost
     (``nas.search.deadline``)."""
+
+
+def noise_seeds(cfg: SearchConfig) -> int:
+    """The extra seeds the study's noise is measured with (``SearchConfig.noise_seeds``)."""
+    if cfg.noise_seeds is not None:
+        return cfg.noise_seeds
+    return 2 if cfg.rungs > 1 else 0
 
 
 class SearchEvents:
@@ -62,3 +73,5 @@ class SearchEvents:
     def stage_step(self, stage: str, step: str) -> None: ...
     def train_progress(self, number: int, step: int, total: int, loss: float) -> None: ...
     def trial_finished(self, number: int, state: str, summary: str) -> None: ...
+    def trials_done(self, units: float) -> None:
+        """How many trials' worth have run so far (each counts its share of the training budget)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -220,7 +221,13 @@ def _tune(ray: Any, driver: Search, cfg: SearchConfig, opts: RayOptions, resourc
     logging.getLogger("ray.tune").setLevel(logging.ERROR)  # e.g. "no metrics" for trials skipped at the deadline
     deadline = time.time() + timeout_s if timeout_s is not None else None
     relay, stopper = _tune_hooks(driver, events, stop, deadline)
-    config = {"cfg": cfg, "measure_on": measure_on, "deadline": deadline, "n_trials_hint": n_trials}
+    config = {"cfg": cfg, "measure_on": measure_on, "deadline": deadline, "n_trials_hint": n_trials,
+              # with rungs a trial counts its share of the budget (RungPlan.share): workers stop
+              # starting trials once the study's trials since this moment add up to n_trials
+              "units": n_trials if driver.rungs.count > 1 else None, "run_started": time.time()}
+    samples = n_trials if n_trials is not None else 1_000_000
+    if n_trials is not None and driver.rungs.count > 1:
+        samples = math.ceil(n_trials / driver.rungs.share(0))
     storage = tempfile.mkdtemp(prefix="nas-tune-")
     try:
         tuner = tune.Tuner(
@@ -229,7 +236,7 @@ def _tune(ray: Any, driver: Search, cfg: SearchConfig, opts: RayOptions, resourc
             tune_config=tune.TuneConfig(
                 # With only a time budget, trials are started until the deadline (each one starting
                 # after it returns at once) and the run ends when none is left running.
-                num_samples=n_trials if n_trials is not None else 1_000_000,
+                num_samples=samples,
                 max_concurrent_trials=opts.workers,
                 reuse_actors=True,  # a worker keeps its opened study, corpus and tokenizers
             ),
@@ -291,6 +298,7 @@ class _RelayMixin:
         self.events = events
         self.counts = {"complete": 0, "infeasible": 0, "failed": 0, "invalid": 0}
         self.running = 0
+        self.units = 0.0
         self._numbers: set[int] = set()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -305,6 +313,9 @@ class _RelayMixin:
             return  # "skipped": started after the deadline
         self.counts["invalid"] += int(result.get("invalid", 0))
         self.counts[state] += 1
+        self.units += self.driver.rungs.share(int(result.get("tokens") or 0))
+        self.counts["trial_units"] = round(self.units, 3)
+        self.events.trials_done(self.units)
         number = result.get("number")
         if number is not None:
             self._numbers.add(int(number))
@@ -395,12 +406,16 @@ def _trainable(config: dict[str, Any]) -> None:
         tune.report({"state": "skipped", "worker": worker_id()})
         return
     search = _PROCESS_SEARCH.get(config["cfg"], config["measure_on"])
+    if config["units"] is not None and search.units_since(config["run_started"]) >= config["units"] - 1e-9:
+        tune.report({"state": "skipped", "worker": worker_id()})  # the trials' worth asked for has run
+        return
+    search.deadline = config["deadline"]
     trial_id = tune.get_context().get_trial_id() or ""
     seed = config["cfg"].seed + len(search.study.trials) + zlib.crc32(trial_id.encode()) % 1_000_003
     events = search.events
     state, number, invalid = search.run_one(seed, config["n_trials_hint"])
     tune.report({"state": state, "number": number, "invalid": invalid, "worker": worker_id(),
-                 "summary": getattr(events, "last", "")})
+                 "summary": getattr(events, "last", ""), "tokens": search.last_tokens})
 
 
 class _LastSummary(SearchEvents):

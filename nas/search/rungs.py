@@ -59,6 +59,17 @@ class RungPlan:
     def top(self) -> int:
         return self.count - 1
 
+    def share(self, tokens: int) -> float:
+        """How much of a trial a trial that trained ``tokens`` counts as, for ``--trials``: its
+        share of the whole budget, and at least the first rung's share (a trial rejected before
+        training still cost its measurement). With one rung every trial counts 1, as before. So
+        ``--trials 10`` buys about ten whole-budget trainings whatever the rungs, and a user can
+        plan it from the cost of one trial."""
+        if self.count == 1:
+            return 1.0
+        first = self.tokens()[0] / self.top_tokens
+        return max(first, min(1.0, tokens / self.top_tokens))
+
 
 def nondominated_ranks(points: np.ndarray) -> np.ndarray:
     """Front index of each row (0: not dominated; 1: dominated only by front 0; ...), all

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from nas.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchEvents
+from nas.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchEvents, noise_seeds
 from nas.search.rungs import RungPlan
 from nas.search.trial import INTERNAL, RayMeasure, Resources, TrialEnv, TrialFailed, TrialRecord, run_trial
 from nas.spec.errors import NasError
@@ -51,6 +53,11 @@ SAME_BUG_LIMIT = 3
 
 class SearchBroken(NasError):
     """Every trial fails the same way with an internal error: stop and say why."""
+
+
+def _naive_utc(when: datetime) -> datetime:
+    """A stored time as naive UTC (SQLite gives naive times, PostgreSQL aware ones)."""
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo is not None else when
 
 
 def worker_id() -> str:
@@ -207,6 +214,10 @@ class Search:
         self._last_record: TrialRecord | None = None
         self._bugs: list[str] = []  # the same internal error, trial after trial
         self._counted = 0
+        self._noise_done = False
+        self.deadline: float | None = None
+        """When the run's time budget ends (``time.time()``); set by ``run`` and the Ray
+        executor. Past it no trial goes on to another rung."""
 
     # --- the study ------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
@@ -315,29 +326,40 @@ class Search:
         ))
 
     # --- running ----------------------------------------------------------------------------------
-    def run(self, n_trials: int | None = None, timeout_s: float | None = None) -> dict[str, int]:
-        """Run trials until ``n_trials`` have got past sampling, or ``timeout_s`` passed (the
-        running trial finishes first). Ctrl-C stops after recording the running trial as failed
-        (its parameters queued again for a resume)."""
+    def run(self, n_trials: float | None = None, timeout_s: float | None = None) -> dict[str, int]:
+        """Run trials until ``n_trials`` trials' worth have run (each counts its share of the
+        training budget, ``RungPlan.share``: 1 without rungs; draws that break the space's rules
+        count nothing), or ``timeout_s`` passed (the running trial finishes its rung first).
+        Ctrl-C stops after recording the running trial as failed (its parameters queued again for
+        a resume). The counts by state, and ``trial_units``: how many trials' worth ran."""
         if n_trials is None and timeout_s is None:
             raise NasError("give a number of trials or a time budget (or both)")
-        self.study.sampler = make_sampler(self.cfg.sampler, self.cfg.seed + len(self.study.trials), n_trials)
+        self.study.sampler = make_sampler(self.cfg.sampler, self.cfg.seed + len(self.study.trials),
+                                          None if n_trials is None else math.ceil(n_trials))
         for number, reason in self.recover().items():
             self.events.message(f"trial {number} was left running: failed, {reason}")
         counts = {"complete": 0, "infeasible": 0, "failed": 0, "invalid": 0}
         start = time.monotonic()
-        done = 0
-        while (n_trials is None or done < n_trials) and (timeout_s is None or time.monotonic() - start < timeout_s):
+        self.deadline = time.time() + timeout_s if timeout_s is not None else None
+        done = 0.0
+        counted = 0
+        def more() -> bool:
+            return ((n_trials is None or done < n_trials - 1e-9)
+                    and (timeout_s is None or time.monotonic() - start < timeout_s))
+
+        while more():
             self._check_stop()
             state = self._one_trial()
             counts[state] += 1
             if state != "invalid":
-                done += 1
-            self._stop_on_a_repeated_bug(last=done == n_trials)
-            if state == "invalid" and counts["invalid"] > 1000 + 10 * done:
+                counted += 1
+                done += self.rungs.share(self._last_record.tokens if self._last_record else 0)
+                self.events.trials_done(done)
+            self._stop_on_a_repeated_bug(last=n_trials is not None and done >= n_trials - 1e-9)
+            if state == "invalid" and counts["invalid"] > 1000 + 10 * counted:
                 raise NasError(f"space {self.space.name}: the sampler keeps drawing invalid architectures; "
                                "loosen its rules")
-        return counts
+        return counts | {"trial_units": round(done, 3)}
 
     def run_one(self, seed: int, n_trials_hint: int | None = None) -> tuple[str, int | None, int]:
         """One counted trial, as ``run`` runs each (draws that break the space's rules are drawn
@@ -356,6 +378,23 @@ class Search:
             if invalid > 1000:
                 raise NasError(f"space {self.space.name}: the sampler keeps drawing invalid architectures; "
                                "loosen its rules")
+
+    @property
+    def last_tokens(self) -> int:
+        """Tokens the last trial run trained (0 when it trained none)."""
+        return self._last_record.tokens if self._last_record is not None else 0
+
+    def units_since(self, started: float) -> float:
+        """How many trials' worth (``RungPlan.share``) the study's trials started since ``started``
+        (``time.time()``) have run, by every worker: finished ones by the tokens they trained,
+        the running ones by their first rung. Invalid draws count nothing."""
+        since = datetime.fromtimestamp(started, tz=UTC).replace(tzinfo=None)
+        total = 0.0
+        for t in self.store.trials(study=self.cfg.study):
+            if _naive_utc(t.started_at) < since or (t.state == "infeasible" and t.failed_stage == "sample"):
+                continue
+            total += self.rungs.share(int((t.train or {}).get("tokens") or 0))
+        return total
 
     def _stop_on_a_repeated_bug(self, last: bool) -> None:
         """Raise SearchBroken once ``SAME_BUG_LIMIT`` counted trials in a row failed with the same
@@ -381,7 +420,7 @@ class Search:
         env = TrialEnv(cfg=self.cfg, space=self.space, profile=self.profile, train=self.train, store=self.store,
                        events=self.events, stop=self.stop, resources=self.resources, worker=worker_id(),
                        optuna_trial_id=self._trial_id, rungs=self.rungs, report_rung=self._report_rung,
-                       ray_measure=self.ray_measure)
+                       ray_measure=self.ray_measure, deadline=self.deadline)
         try:
             self.study.optimize(lambda trial: run_trial(trial, env, record), n_trials=1, catch=(TrialFailed,),
                                 gc_after_trial=False)
@@ -393,7 +432,27 @@ class Search:
         finally:
             self.last_number = record.number
             self._last_record = record
+        if record.state == "complete":
+            self._measure_noise()
         return record.state
+
+    def _measure_noise(self) -> None:
+        """The study's seed spread, once it has a complete trial (``nas.search.noise``); a
+        failure to measure it is said and the search goes on without it."""
+        from nas.search.noise import measure_noise
+
+        extra = noise_seeds(self.cfg)
+        if self._noise_done or extra < 1:
+            return
+        try:
+            noise = measure_noise(self.store, self.cfg.study, self.train, self.rungs, extra, self.resources,
+                                  self.events, self.stop, torch_device=self.cfg.torch_device)
+        except NasError as e:
+            self.events.message(f"seed noise not measured: {e}")
+            noise = None
+            self._noise_done = True
+        if noise is not None and len(noise.seeds) >= extra + 1:
+            self._noise_done = True
 
     def _check_stop(self) -> None:
         if self.stop.is_set():

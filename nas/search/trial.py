@@ -80,6 +80,8 @@ class TrialRecord:
     """Why it failed, was infeasible or invalid; empty when it completed."""
     arch_id: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    """Tokens trained so far (over every rung): what the trial counts for (``RungPlan.share``)."""
 
 
 class Resources:
@@ -115,7 +117,8 @@ class Resources:
 
         if vocab not in self._baselines:
             tc = self.tokenized(vocab)
-            self._baselines[vocab] = {"unigram_bpb": ngram_baseline_bpb(tc, 1), "bigram_bpb": ngram_baseline_bpb(tc, 2)}
+            self._baselines[vocab] = {"unigram_bpb": ngram_baseline_bpb(tc, 1), "bigram_bpb": ngram_baseline_bpb(tc, 2),
+                                      "vocab_size": vocab}
         return self._baselines[vocab]
 
     def note_once(self, text: str) -> None:
@@ -146,6 +149,9 @@ class TrialEnv:
     ray_measure: RayMeasure | None = None
     """Set by the Ray executor where a node advertises the profile's resource: the measure stage
     then runs on that node, labelled with it."""
+    deadline: float | None = None
+    """When ``--time`` runs out (``time.time()``): past it no trial goes on to another rung, so
+    that a search overruns its time by one rung of one trial at most, not by a whole budget."""
 
 
 class _StageClock:
@@ -302,6 +308,7 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
     if done and (len(done) == plan.count or not _goes_on(spec, m, env, n, len(done) - 1, done[-1]["val_bpb"])):
         # resumed at a rung where it now stops: its saved weights are that rung's
         model, result, _ = _train(spec, tc, env, n, until=done[-1]["tokens"], resume=state)
+        clock.record.tokens = result.tokens
         clock.enter("score", "export, quantize, BPB in ONNX Runtime")
         bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
         _drop_checkpoint(ckpt)
@@ -310,6 +317,7 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
         clock.enter("train", f"{budgets[k]:,} tokens" if plan.count == 1 else
                     f"rung {k + 1} of {plan.count}: to {budgets[k]:,} tokens")
         model, result, state = _train(spec, tc, env, n, until=budgets[k] if plan.count > 1 else None, resume=state)
+        clock.record.tokens = result.tokens
         clock.enter("score", "export, quantize, BPB in ONNX Runtime")
         bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
         if plan.count > 1:
@@ -355,6 +363,10 @@ def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, b
 
     plan = env.rungs
     assert plan is not None
+    if env.deadline is not None and time.time() > env.deadline:
+        env.events.message(f"trial {n} rung {rung + 1} ({plan.tokens()[rung]:,} tokens): BPB {bpb:.4f}, stops: "
+                           "the search's time is up, so no trial goes on to another rung")
+        return False
     rows = [r for r in env.store.rung_results(study=env.cfg.study, rung=rung) if r.state != "failed" and r.number != n]
     ids = {r.measurement_id for r in rows if r.measurement_id is not None}
     figures = {row.id: row.to_measurement().figures() | {"arch_id": row.arch_id}
@@ -486,7 +498,9 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
     env.store.refresh_pareto(study=cfg.study)
     record.state = "complete"
     at = f" after {result.tokens:,} tokens (rung {trained.rung + 1})" if len(trained.rung_tokens) > 1 else ""
-    env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}{at}, decode {m.decode_ms:.3f} ms ({m.label})")
+    bigram = env.resources.baselines(spec.vocab_size)["bigram_bpb"]
+    flag = "" if bpb.bpb < bigram else f" [not below its bigram baseline {bigram:.3f}]"
+    env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}{at}{flag}, decode {m.decode_ms:.3f} ms ({m.label})")
     return [objectives[o] for o in cfg.objectives]
 
 

@@ -24,7 +24,7 @@ ONNX Runtime, Optuna, the stages or the search.
 from nas.store._engine import StoreError, default_db_url, harden_foreign_sqlite_engine, make_engine, session_scope
 from nas.store._migrate import check_schema, current_revision, head_revision, schema_diff, upgrade
 from nas.store._pareto import non_dominated
-from nas.store._rows import ArchitectureRow, MeasurementRow, Objective, RungRow, StudyRow, TrialRow
+from nas.store._rows import ArchitectureRow, MeasurementRow, NoiseRow, Objective, RungRow, StudyRow, TrialRow
 from nas.store._store import Store
 from nas.store.models import TRIAL_STATES
 
@@ -32,6 +32,7 @@ __all__ = [
     "TRIAL_STATES",
     "ArchitectureRow",
     "MeasurementRow",
+    "NoiseRow",
     "Objective",
     "RungRow",
     "Store",

@@ -6,6 +6,7 @@ object would tie them to a session that must stay open and would load lazily beh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -194,3 +195,44 @@ class RungRow:
     state: str
     measurement_id: int | None
     created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseRow:
+    """A study's seed spread of BPB: its reference architecture trained to ``tokens`` under each
+    of ``seeds``, scored as a trial is. ``std`` is the sample standard deviation of ``bpbs`` (None
+    with fewer than two seeds): the error bar of every BPB in the study, and the gap below which
+    two trials' BPBs are within noise of each other."""
+
+    study: str
+    arch_id: str
+    tokens: int
+    seeds: tuple[int, ...]
+    bpbs: tuple[float, ...]
+    trial_number: int | None
+    """The trial whose own run is one of the seeds."""
+
+    @property
+    def std(self) -> float | None:
+        if len(self.bpbs) < 2:
+            return None
+        mean = sum(self.bpbs) / len(self.bpbs)
+        return (sum((b - mean) ** 2 for b in self.bpbs) / (len(self.bpbs) - 1)) ** 0.5
+
+    NOISE_GAP = 2.0
+    """Two BPBs closer than this many seed standard deviations are within noise of each other:
+    the difference of two seeds' BPBs has a spread of about 1.4 std, so a gap under 2 std is one a
+    reseed alone would often make."""
+
+    def within(self, bpbs: Mapping[int, float]) -> dict[int, list[int]]:
+        """For each trial number of ``bpbs`` (e.g. the front's), the others whose BPB is within
+        noise of its own (empty lists without a spread)."""
+        std = self.std
+        if std is None:
+            return {n: [] for n in bpbs}
+        gap = self.NOISE_GAP * std
+        return {n: [m for m, b in bpbs.items() if m != n and abs(b - a) < gap] for n, a in bpbs.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch_id": self.arch_id, "tokens": self.tokens, "seeds": list(self.seeds), "bpbs": list(self.bpbs),
+                "trial_number": self.trial_number, "std": self.std, "within_noise_gap": self.NOISE_GAP}

@@ -40,11 +40,21 @@ from nas.store._engine import (
 )
 from nas.store._migrate import known_revisions, revision_of, schema_problem, upgrade_engine
 from nas.store._pareto import DIRECTIONS, non_dominated
-from nas.store._rows import ArchitectureRow, MeasurementRow, Objective, RungRow, StudyRow, TrialRow, as_utc
+from nas.store._rows import (
+    ArchitectureRow,
+    MeasurementRow,
+    NoiseRow,
+    Objective,
+    RungRow,
+    StudyRow,
+    TrialRow,
+    as_utc,
+)
 from nas.store.models import (
     TRIAL_STATES,
     ArchitectureModel,
     MeasurementModel,
+    NoiseModel,
     ParetoModel,
     RungModel,
     StudyModel,
@@ -556,6 +566,46 @@ class Store:
                 raise StoreError(f"no trial {number} in study {study!r}")
             query = _rungs_query().where(RungModel.trial_id == trial_id).order_by(RungModel.rung)
             return [_rung_row(r, study) for r in s.execute(query)]
+
+    # --- seed noise ------------------------------------------------------------------------------
+    def record_noise(self, *, study: str, arch_id: str, tokens: int, seed: int, val_bpb: float,
+                     trial_number: int | None = None) -> bool:
+        """Record seed ``seed``'s BPB of the study's reference architecture after ``tokens``
+        tokens. Every seed of a study must be of the same architecture and budget (the spread is
+        of one run, trained again). Returns False, changing nothing, when the seed is recorded
+        already (another worker ran it too)."""
+        where = f"seed {seed} of the noise of study {study!r}"
+        if not (isinstance(tokens, int) and tokens > 0):
+            raise StoreError(f"{where}: tokens must be a positive integer, got {tokens!r}")
+        if not (isinstance(val_bpb, numbers.Real) and math.isfinite(val_bpb)):
+            raise StoreError(f"{where}: val_bpb must be a finite number, got {val_bpb!r}")
+        with self._write() as s:
+            study_row = s.scalar(select(StudyModel).where(StudyModel.name == study).with_for_update())
+            if study_row is None:
+                raise StoreError(_no_study(s, study, self.url))
+            rows = s.scalars(select(NoiseModel).where(NoiseModel.study_id == study_row.id)).all()
+            if any(r.seed == seed for r in rows):
+                return False
+            other = next((r for r in rows if (r.arch_id, r.tokens) != (arch_id, tokens)), None)
+            if other is not None:
+                raise StoreError(f"{where}: the study's noise is of {other.arch_id} at {other.tokens} tokens, "
+                                 f"not {arch_id} at {tokens}")
+            s.add(NoiseModel(study_id=study_row.id, arch_id=arch_id, tokens=tokens, seed=int(seed),
+                             val_bpb=float(val_bpb), trial_number=trial_number, created_at=utcnow()))
+            s.flush()
+            return True
+
+    def noise(self, *, study: str) -> NoiseRow | None:
+        """The study's seed spread (None before its first seed is recorded)."""
+        with self._read() as s:
+            study_id = _study_id(s, study, self.url)
+            rows = s.scalars(select(NoiseModel).where(NoiseModel.study_id == study_id).order_by(NoiseModel.seed)).all()
+            if not rows:
+                return None
+            number = next((r.trial_number for r in rows if r.trial_number is not None), None)
+            return NoiseRow(study=study, arch_id=rows[0].arch_id, tokens=rows[0].tokens,
+                            seeds=tuple(r.seed for r in rows), bpbs=tuple(r.val_bpb for r in rows),
+                            trial_number=number)
 
     # --- Pareto front --------------------------------------------------------------------------
     def refresh_pareto(self, *, study: str, objectives: Sequence[ObjectiveLike] | None = None) -> list[TrialRow]:

@@ -220,6 +220,34 @@ class RungModel(Base):
     created_at: Mapped[datetime] = _now_column()
 
 
+class NoiseModel(Base):
+    """One training seed's BPB of a study's reference architecture at one budget: the seed spread
+    the study's BPBs are read against. At short budgets a second seed moves BPB as much as a
+    change of architecture, so a gap between two trials smaller than this spread says nothing.
+
+    One row per (study, seed): written when that seed's run is scored, never updated; a worker
+    that finds the seed recorded already (another one ran it too) leaves the row as it is.
+    """
+
+    __tablename__ = "nas_noise"
+    __table_args__ = (
+        UniqueConstraint("study_id", "seed"),
+        CheckConstraint("tokens > 0", name="tokens"),
+        CheckConstraint(f"val_bpb >= -{_DBL_MAX} AND val_bpb <= {_DBL_MAX}", name="val_bpb_finite"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("nas_studies.id", ondelete="CASCADE"), nullable=False)
+    arch_id: Mapped[str] = mapped_column(ForeignKey("nas_architectures.arch_id"), nullable=False)
+    tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    """Tokens trained when scored (the study's first rung)."""
+    seed: Mapped[int] = mapped_column(Integer, nullable=False)
+    val_bpb: Mapped[float] = mapped_column(Float, nullable=False)
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+    """The trial whose own run this seed is (the study's seed), None for the extra seeds."""
+    created_at: Mapped[datetime] = _now_column()
+
+
 class ParetoModel(Base):
     """Membership of a study's current Pareto front; replaced whole on every refresh."""
 

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
 
 def _trial_figures(store, trial) -> dict:
     m = store.get_measurement(id=trial.measurement_id).summary() if trial.measurement_id else {}
+    base = trial.baselines or {}
     return {
         "number": trial.number, "state": trial.state, "arch_id": trial.arch_id, "architecture": trial.arch_summary,
         "params": store.get_architecture(arch_id=trial.arch_id).params if trial.arch_id else None,
@@ -40,6 +41,10 @@ def _trial_figures(store, trial) -> dict:
         "peak_memory_mb": m.get("peak_memory_mb"), "model_mb": m.get("model_mb"),
         "failed_stage": trial.failed_stage, "failure_reason": trial.failure_reason,
         "seconds": trial.seconds, "artifact_dir": trial.artifact_dir,
+        # what counting alone achieves with the trial's own tokenizer, on the same validation text
+        "bigram_bpb": base.get("bigram_bpb"), "unigram_bpb": base.get("unigram_bpb"),
+        "beats_bigram": None if trial.val_bpb is None or not base.get("bigram_bpb")
+        else trial.val_bpb < base["bigram_bpb"],
     }
 
 
@@ -54,9 +59,13 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
         st = store.get_study(name=study)
         front = store.pareto(study=study)
         rows = [_trial_figures(store, t) for t in front]
+        noise = store.noise(study=study)
+    close = noise.within({r["number"]: r["val_bpb"] for r in rows if r["val_bpb"] is not None}) if noise else {}
+    for r in rows:
+        r["within_noise_of"] = close.get(r["number"], [])
     if as_json:
-        print(json.dumps({"study": study, "objectives": [o.to_dict() for o in st.objectives], "front": rows},
-                         indent=2, default=str))
+        print(json.dumps({"study": study, "objectives": [o.to_dict() for o in st.objectives], "front": rows,
+                          "noise": noise.to_dict() if noise else None}, indent=2, default=str))
         return
     table = Table(title=f"Pareto front of {study}: {len(rows)} of {st.n_trials} trials "
                         f"({st.space} on {st.profile})",
@@ -66,12 +75,20 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
     if rungs > 1:
         table.caption += ("; BPB @ the tokens the trial was trained (rungs: a trial stopped early is compared "
                           "with the others at the budget both reached)")
-    for col in ("#", "architecture", "params", "BPB", "decode ms/tok", "prefill ms", "memory MiB", "size MiB",
-                "label"):
+    if noise is not None and noise.std is not None:
+        table.caption += (f"; BPB ± {noise.std:.4f}: the seed spread ({len(noise.seeds)} seeds of trial "
+                          f"{noise.trial_number}'s architecture at {noise.tokens:,} tokens); ≈: trials whose BPB "
+                          f"is within {noise.NOISE_GAP:g}× that of this one's (within noise: not ordered by BPB)")
+    if any(r["beats_bigram"] is False for r in rows):
+        table.caption += "; [red]≥ bigram[/red]: BPB not below the bigram baseline of its own tokenizer"
+    for col in ("#", "architecture", "params", "BPB", "≈", "bigram", "unigram", "decode ms/tok", "prefill ms",
+                "memory MiB", "size MiB", "label"):
         table.add_column(col, justify="left" if col in ("architecture", "label") else "right", overflow="fold")
     for r in sorted(rows, key=lambda r: (r["val_bpb"] is None, r["val_bpb"])):
         table.add_row(str(r["number"]), r["architecture"] or "", fmt_count(r["params"] or 0),
-                      _bpb_cell(r, rungs),
+                      _bpb_cell(r, rungs), " ".join(f"#{n}" for n in r["within_noise_of"]),
+                      f"{r['bigram_bpb']:.3f}" if r["bigram_bpb"] is not None else "",
+                      f"{r['unigram_bpb']:.3f}" if r["unigram_bpb"] is not None else "",
                       f"{r['decode_ms']:.3f}" if r["decode_ms"] is not None else "",
                       f"{r['prefill_ms']:.2f}" if r["prefill_ms"] is not None else "",
                       f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "",
@@ -82,9 +99,12 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
 def _bpb_cell(row: dict, rungs: int) -> str:
     if row["val_bpb"] is None:
         return ""
+    text = f"{row['val_bpb']:.4f}"
     if rungs > 1 and row.get("bpb_tokens"):
-        return f"{row['val_bpb']:.4f} @{fmt_count(row['bpb_tokens'])}"
-    return f"{row['val_bpb']:.4f}"
+        text += f" @{fmt_count(row['bpb_tokens'])}"
+    if row.get("beats_bigram") is False:
+        text += " [red]≥ bigram[/red]"
+    return text
 
 
 def studies(db: DbOpt = None, as_json: JsonOpt = False) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from nas.faces.cli.common import (
@@ -241,13 +242,19 @@ def _parse_duration(text: str) -> float:
 
 class _RichEvents(SearchEvents):
     """The search's progress, drawn with rich: trials done, the current trial's stage and
-    training step, one line per finished trial."""
+    training step, one line per finished trial. When stdout is not a terminal (a log file, a
+    pipe), rich draws no live bar, so a line after each counted trial says how far the search is
+    and for how long it has run."""
 
-    def __init__(self, progress, total: int | None) -> None:
+    def __init__(self, progress, total: float | None, time_budget_s: float | None = None) -> None:
+        import time
+
         self.p = progress
+        self.total, self.time_budget_s = total, time_budget_s
         self.trials = progress.add_task("trials", total=total, info="")
         self.current = progress.add_task("trial", total=None, info="")
         self.finished = 0
+        self.started = time.monotonic()
 
     def message(self, text: str) -> None:
         # one line each, never wrapped: a user who logs to a file greps them
@@ -271,20 +278,39 @@ class _RichEvents(SearchEvents):
             colour, counted = "dim", False
         else:
             colour, counted = {"complete": "green", "infeasible": "yellow", "failed": "red"}[state], True
-        self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {summary}", highlight=False,
-                             soft_wrap=True)
+        self.p.console.print(f"trial {number:4d} [{colour}]{state:10s}[/{colour}] {escape(summary)}",
+                             highlight=False, soft_wrap=True)
         if counted:
             self.finished += 1
-            self.p.update(self.trials, completed=self.finished)
+
+    def trials_done(self, units: float) -> None:
+        import datetime
+        import time
+
+        self.p.update(self.trials, completed=units)
+        if self.p.console.is_terminal:
+            return
+        elapsed = time.monotonic() - self.started
+        of = f" of {self.total:g}" if self.total is not None else ""
+        budget = f" of {datetime.timedelta(seconds=round(self.time_budget_s))}" if self.time_budget_s else ""
+        self.p.console.print(f"progress: {self.finished} trials, {units:.2f}{of} trials' worth of training, "
+                             f"{datetime.timedelta(seconds=round(elapsed))}{budget} elapsed", highlight=False,
+                             soft_wrap=True)
 
 
 def search(
     space: SpaceOpt = "gqa_small",
     device: DeviceOpt = "jetson",
-    trials: Annotated[int | None, typer.Option(help="Stop after this many trials (sampling rejects not counted).",
-                                               min=1)] = None,
+    trials: Annotated[int | None, typer.Option(help="Stop after this many trials' worth of training (default 20 "
+                                               "without --time). Without rungs each trial counts 1; with "
+                                               "--rungs a trial counts its share of the whole budget (at least "
+                                               "the first rung's), so N buys about N whole-budget trainings "
+                                               "and the time of N trials. Draws that break the space's rules "
+                                               "count nothing.", min=1)] = None,
     time_budget: Annotated[str | None, typer.Option("--time", help="Stop starting trials after this long: "
-                                                    "90s, 30m, 2h, 1h30m.")] = None,
+                                                    "90s, 30m, 2h, 1h30m. The running trial finishes the rung "
+                                                    "it is on; past the time no trial goes on to another "
+                                                    "rung.")] = None,
     study: Annotated[str | None, typer.Option(help="Study name (default: SPACE-DEVICE): 1 to 100 "
                                               "letters, digits, '.', '_' or '-'; it names the artifacts "
                                               "folder. The same name resumes the study.")] = None,
@@ -305,6 +331,11 @@ def search(
                                        "while in the top 1/ETA of the trials at its rung (by non-dominated "
                                        "sorting of BPB there and the measured objectives). 1: every trial "
                                        "trains the whole budget.", min=1)] = 1,
+    noise_seeds: Annotated[int | None, typer.Option(help="Extra training seeds of the first complete trial's "
+                                                    "architecture, trained to the first rung once per study, "
+                                                    "whose spread is the error bar of every BPB (default: 2 "
+                                                    "with --rungs, 0 without: there they cost whole "
+                                                    "trainings).", min=0)] = None,
     eta: Annotated[int, typer.Option(help="With --rungs: the budget grows ETA times per rung and the top "
                                      "1/ETA go on.", min=2)] = 3,
     artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
@@ -356,11 +387,11 @@ def search(
     cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device,
-                       rungs=rungs, eta=eta)
+                       rungs=rungs, eta=eta, noise_seeds=noise_seeds)
     stop = _stop_on_signals()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
-        events = _RichEvents(progress, trials)
+        events = _RichEvents(progress, trials, timeout)
         try:
             counts = _run_search(cfg, events, stop, trials, timeout, executor=executor, workers=workers,
                                  ray_address=ray_address, cpus_per_trial=cpus_per_trial)
@@ -369,8 +400,9 @@ def search(
             err_console.print(f"interrupted: finished trials are recorded; resume with the same command "
                               f"(--study {name})")
             raise typer.Exit(130) from None
+    worth = f" ({counts['trial_units']:g} trials' worth of training)" if rungs > 1 and "trial_units" in counts else ""
     console.print(f"done: {counts['complete']} complete, {counts['infeasible']} infeasible, {counts['failed']} "
-                  f"failed; {counts['invalid']} invalid draws (infeasible at sampling, not counted)")
+                  f"failed{worth}; {counts['invalid']} invalid draws (infeasible at sampling, not counted)")
     print_pareto(cfg.db_url, name, as_json=False)
 
 

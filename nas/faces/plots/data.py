@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nas.store import Store, StudyRow, TrialRow
+from nas.store import NoiseRow, Store, StudyRow, TrialRow
 
 MIB = 2**20
 
@@ -82,6 +82,16 @@ class TrialPoint:
     finished_at: datetime | None
     bpb_tokens: int | None = None
     """Tokens the scored model was trained on: with rungs, a trial may have stopped early."""
+    baselines: dict[str, float] = field(default_factory=dict)
+    """``unigram_bpb`` and ``bigram_bpb`` of the trial's own tokenizer on the same validation
+    text (what counting alone achieves), and its ``vocab_size`` where the search stored it."""
+
+    @property
+    def beats_bigram(self) -> bool | None:
+        """Whether the trial's BPB is below its tokenizer's bigram baseline (None: either is
+        missing). A trial that is not has learned nothing that counting pairs would not."""
+        bigram, bpb = self.baselines.get("bigram_bpb"), self.figures.get("val_bpb")
+        return None if bigram is None or bpb is None else bpb < bigram
 
     @property
     def over_budget(self) -> bool:
@@ -96,6 +106,17 @@ class StudyData:
     budgets: dict[str, float] = field(default_factory=dict)
     """figure -> the budget on it (e.g. decode_ms -> 10.0), recovered from constraint values."""
     db: str = ""
+    noise: NoiseRow | None = None
+    """The study's seed spread of BPB (``nas.search.noise``), None before it is measured."""
+
+    @property
+    def bpb_std(self) -> float | None:
+        return self.noise.std if self.noise is not None else None
+
+    def within_noise(self) -> dict[int, list[int]]:
+        """Front trials whose BPBs are within noise of each other (``NoiseRow.within``)."""
+        front = {p.number: p.figures["val_bpb"] for p in self.points if p.on_front and "val_bpb" in p.figures}
+        return self.noise.within(front) if self.noise is not None else {n: [] for n in front}
 
     @property
     def name(self) -> str:
@@ -111,6 +132,18 @@ class StudyData:
 
     def feasible(self) -> list[TrialPoint]:
         return [p for p in self.points if p.feasible]
+
+    def baselines(self) -> list[tuple[int | None, float, float]]:
+        """(vocab size or None, unigram BPB, bigram BPB) of each tokenizer the trials used, by
+        bigram BPB: the reference lines of the quality axis."""
+        seen: dict[tuple[float, float], int | None] = {}
+        for p in self.points:
+            b = p.baselines
+            if "unigram_bpb" in b and "bigram_bpb" in b:
+                key = (b["unigram_bpb"], b["bigram_bpb"])
+                vocab = int(b["vocab_size"]) if "vocab_size" in b else None
+                seen[key] = seen.get(key) or vocab
+        return sorted(((v, u, bg) for (u, bg), v in seen.items()), key=lambda r: r[2])
 
     def dimensions(self) -> list[str]:
         """Spec fields that take more than one value among the loaded specs, in the spec's order."""
@@ -187,7 +220,7 @@ def load_study(
     for t in trials:
         spec = cache.spec(store, t.arch_id) if specs else None
         points.append(_point(t, measurements.get(t.measurement_id), spec, t.number in front))  # type: ignore[arg-type]
-    return StudyData(study=study, points=points, budgets=_budgets(points), db=store.url)
+    return StudyData(study=study, points=points, budgets=_budgets(points), db=store.url, noise=store.noise(study=name))
 
 
 def thinned(
@@ -240,7 +273,16 @@ def _point(t: TrialRow, m: Any, spec: dict[str, Any] | None, on_front: bool) -> 
         summary=t.arch_summary, arch_id=t.arch_id, label=m.label if m is not None else None, figures=figures,
         spread=spread, spec=spec, stage=t.failed_stage, reason=t.failure_reason, constraints=dict(t.constraints or {}),
         started_at=t.started_at, finished_at=t.finished_at, bpb_tokens=(t.train or {}).get("tokens"),
+        baselines=_baselines(t, spec),
     )  # fmt: skip
+
+
+def _baselines(t: TrialRow, spec: dict[str, Any] | None) -> dict[str, float]:
+    out = {k: float(v) for k, v in (t.baselines or {}).items()
+           if k in ("unigram_bpb", "bigram_bpb", "vocab_size") and isinstance(v, int | float) and math.isfinite(v)}
+    if "vocab_size" not in out and spec is not None:  # trials stored before the vocabulary was kept beside them
+        out["vocab_size"] = float(spec["vocab_size"])
+    return out
 
 
 def _budgets(points: Sequence[TrialPoint]) -> dict[str, float]:

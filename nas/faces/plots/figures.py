@@ -72,6 +72,11 @@ def hover_text(p: TrialPoint, extra: str = "") -> str:
     if "val_bpb" in f:
         trained = f" after {fmt(p.bpb_tokens)} tokens" if p.bpb_tokens else ""
         lines.append(f"BPB {f['val_bpb']:.4f}{trained} <i>(quantized model, ONNX Runtime, validation split)</i>")
+        if "bigram_bpb" in p.baselines:
+            b = p.baselines
+            verdict = "" if p.beats_bigram else " · <b style='color:#b00'>not below its bigram baseline</b>"
+            lines.append(f"baselines of its tokenizer: bigram {b['bigram_bpb']:.4f}, unigram "
+                         f"{b.get('unigram_bpb', float('nan')):.4f}{verdict}")
     where = html.escape(p.label or "no measurement")
     if "decode_ms" in f:
         lo, hi = p.spread.get("decode_ms", (None, None))
@@ -131,14 +136,15 @@ def pareto_figure(data: StudyData, *, x: str = "decode_ms", y: str = "val_bpb", 
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=[0.86, 0.14] if rejected else None,
                         vertical_spacing=0.03)  # fmt: skip
     feasible = [p for p in complete if p.feasible]
-    shown_colourbar = _add_feasible(fig, feasible, x, y, color)
+    shown_colourbar = _add_feasible(fig, feasible, x, y, color, data.bpb_std)
     front = _front_line(feasible, x, y, (data.direction(x), data.direction(y)))
     if front:
         fig.add_trace(_staircase(front, FRONT_COLOUR, mode="lines", name="Pareto front"), row=1, col=1)
     _add_over_budget(fig, [p for p in complete if not p.feasible], rejected, x, y)
     budget = data.budgets.get(x)
     xs = [p.figures[x] for p in complete + rejected]
-    subtitle = _pareto_subtitle(data, complete, rejected) + _add_budget_line(fig, budget, x, xs, rows)
+    subtitle = (_pareto_subtitle(data, complete, rejected) + _add_budget_line(fig, budget, x, xs, rows)
+                + (_add_baseline_lines(fig, data, [p.figures[y] for p in complete]) if y == "val_bpb" else ""))
     if shown_colourbar:
         fig.update_layout(
             coloraxis={
@@ -159,7 +165,15 @@ def pareto_figure(data: StudyData, *, x: str = "decode_ms", y: str = "val_bpb", 
     return styled(fig, f"{data.name}: {SHORT.get(y, y)} against {SHORT.get(x, x)}", height=600, subtitle=subtitle)
 
 
-def _add_feasible(fig: go.Figure, feasible: list[TrialPoint], x: str, y: str, color: str) -> bool:
+def _noise_bars(points: Sequence[TrialPoint], axis: str, std: float | None) -> dict[str, Any] | None:
+    """The study's seed spread of BPB as a +-1 std bar on each point's BPB."""
+    if axis != "val_bpb" or std is None:
+        return None
+    return {"type": "constant", "value": std, "thickness": 1, "width": 3, "color": "rgba(80,80,80,0.45)"}
+
+
+def _add_feasible(fig: go.Figure, feasible: list[TrialPoint], x: str, y: str, color: str,
+                  std: float | None = None) -> bool:
     """The feasible trials, one trace per latency source (and per colour, when ``color`` is a
     category, so the legend names it); whether they use the colour bar."""
     values, numeric = _colour_values(feasible, color)
@@ -189,7 +203,8 @@ def _add_feasible(fig: go.Figure, feasible: list[TrialPoint], x: str, y: str, co
             marker["color"] = FEASIBLE_COLOUR
         fig.add_trace(go.Scatter(
             x=[p.figures[x] for p in pts], y=[p.figures[y] for p in pts], mode="markers", name=key,
-            marker=marker, error_x=_spread_bars(pts, x), customdata=[p.number for p in pts],
+            marker=marker, error_x=_spread_bars(pts, x), error_y=_noise_bars(pts, y, std),
+            customdata=[p.number for p in pts],
             text=[hover_text(p, f"{color}: {fmt(v) if numeric else v}" if v is not None else "")
                   for p, v in zip(pts, [values[i] for i in idx], strict=True)],
             hovertemplate="%{text}<extra></extra>",
@@ -236,6 +251,37 @@ def _add_budget_line(fig: go.Figure, budget: float | None, x: str, xs: list[floa
     elif budget is not None:
         said = f" · {SHORT.get(x, x)} budget {budget:g} (beyond the points)"
     return said
+
+def _add_baseline_lines(fig: go.Figure, data: StudyData, ys: list[float]) -> str:
+    """Each tokenizer's n-gram baselines as dotted lines of BPB (what counting pairs, or single
+    tokens, of that tokenizer achieves): a model above its bigram line has learned nothing more.
+    A unigram line far above the points is said in the returned subtitle text instead, so that it
+    does not squeeze them."""
+    said: list[str] = []
+    top = max(ys) if ys else None
+    for vocab, unigram, bigram in data.baselines():
+        name = f"V{vocab}" if vocab else "its tokenizer"
+        for kind, value, dash in (("bigram", bigram, "dot"), ("unigram", unigram, "dashdot")):
+            if kind == "unigram" and (top is None or value > top + 0.5 * (top - min(ys) + 0.1)):
+                said.append(f"unigram {name} {value:.3f}")
+                continue
+            fig.add_hline(y=value, line={"dash": dash, "color": "#888", "width": 1}, row=1, col=1)  # type: ignore[arg-type]
+            fig.add_annotation(x=1, xref="x domain", y=value, text=f"{kind} {name} {value:.3f}", showarrow=False,
+                               xanchor="right", yanchor="bottom", font={"size": 10, "color": "#666"}, row=1, col=1)
+    flagged = sum(p.beats_bigram is False for p in data.points if p.state == "complete")
+    text = " · dotted: bigram baselines" if data.baselines() else ""
+    if data.noise is not None and data.noise.std is not None:
+        close = sum(bool(v) for v in data.within_noise().values())
+        text += (f" · BPB bars: ±{data.noise.std:.4f}, the seed spread ({len(data.noise.seeds)} seeds at "
+                 f"{data.noise.tokens:,} tokens)")
+        if close:
+            text += f"; {close} front points within noise of another"
+    if flagged:
+        text += f" · {flagged} trial(s) not below their bigram baseline"
+    if said:
+        text += " · above the plot: " + ", ".join(said)
+    return text
+
 
 def _pareto_subtitle(data: StudyData, complete: list[TrialPoint], rejected: list[TrialPoint]) -> str:
     c = data.study.trial_counts

@@ -117,6 +117,15 @@ def study_facts(data: StudyData) -> list[tuple[str, str]]:
     if tokens:
         items.append(("training budget", f"{int(tokens):,} tokens"))
     items += [(f"{SHORT.get(k, k)} budget", f"{v:g}") for k, v in sorted(data.budgets.items())]
+    n = data.noise
+    if n is not None and n.std is not None:
+        items.append(("BPB seed spread", f"±{n.std:.4f} ({len(n.seeds)} seeds of trial {n.trial_number}'s "
+                                         f"architecture at {n.tokens:,} tokens)"))
+    elif n is not None:
+        items.append(("BPB seed spread", f"being measured ({len(n.seeds)} seed so far)"))
+    bigram = [p for p in data.points if p.state == "complete" and p.beats_bigram is False]
+    if bigram:
+        items.append(("not below bigram", f"{len(bigram)} complete trial(s)"))
     items += [
         ("sampler", str(s.extra.get("sampler", "–"))),
         ("seed", str(s.seed)),

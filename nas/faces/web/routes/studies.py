@@ -53,6 +53,7 @@ def study_page(
         view=view,
         state=dataclasses.asdict(view),
         rows=rows,
+        close=full.within_noise(),
         matching=matching,
         labels=labels,
         facts=plots.study_facts(full),
