@@ -50,7 +50,7 @@ from nas.spec.profile import (
     min_model_bytes,
     min_peak_memory_bytes,
 )
-from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, Measurement, measured_on
+from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
 from nas.store import Store
@@ -254,7 +254,8 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
                                      labels=labels, workload=workload, fingerprint=_here(env))
     if row is not None:
         return row.to_measurement(), row.id, None
-    # Only an estimate needs this host's calibration (the roofline scales its measurement).
+    # Only an estimate needs the host: it measures the deployed graph (file size, CPU memory)
+    # beside the target's latency model.
     host = env.resources.calibrated_host() if profile.measurement.where != "local" else None
     with deadline(stage_deadline_s("export", spec, cfg.stage_deadline_factor), "export and quantize"):
         exported = export_spec(spec, scratch, model=fresh_distinct_model(spec), progress=_step(env, "measure"))
@@ -513,7 +514,7 @@ def attempted_label(profile: HardwareProfile, on_device_node: bool) -> str:
         return MEASURED_LOCAL
     if on_device_node:
         return measured_on(str(profile.measurement.ray_resource))
-    return ESTIMATED_ROOFLINE  # the host measures so that the roofline can scale it
+    return ESTIMATED_MODEL  # the target's latency model, beside the host's measurement of the graph
 
 
 def objective_values(spec: ArchSpec, m: Measurement | None, bpb: float | None) -> dict[str, float]:
