@@ -263,3 +263,19 @@ def test_an_estimate_without_a_host_measurement_is_fully_analytic():
     m = estimate(s, load_profile("rpi5"))
     assert m.model_bytes == s.weight_bytes() and m.provenance["model_bytes_from"].startswith("analytic")
     assert "host_decode_ms" not in m.provenance
+
+
+def test_a_stored_estimate_is_reused_only_under_the_same_device_model():
+    import dataclasses
+
+    from nas.search.trial import _still_valid
+
+    rpi5 = load_profile("rpi5")
+    s = spec(context_length=256)
+    est = estimate(s, rpi5)
+    assert _still_valid(est, rpi5)
+    fewer_points = rpi5.model_copy(update={"calibration": rpi5.calibration[:-1]})
+    assert not _still_valid(est, fewer_points)  # the points changed: estimate again
+    old = dataclasses.replace(est, label="estimated:roofline", provenance={"decode_factor": 2.0})
+    assert not _still_valid(old, rpi5)  # the constant-factor estimate is never reused
+    assert _still_valid(dataclasses.replace(est, label="measured:local", provenance={}), rpi5)

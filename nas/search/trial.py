@@ -50,7 +50,7 @@ from nas.spec.profile import (
     min_model_bytes,
     min_peak_memory_bytes,
 )
-from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, measured_on
+from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, is_estimated, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
 from nas.store import Store
@@ -252,7 +252,7 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     labels = ["measured:*"] if cfg.require_measured or env.ray_measure is not None else None
     row = env.store.find_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
                                      labels=labels, workload=workload, fingerprint=_here(env))
-    if row is not None:
+    if row is not None and _still_valid(row.to_measurement(), profile):
         return row.to_measurement(), row.id, None
     # Only an estimate needs the host: it measures the deployed graph (file size, CPU memory)
     # beside the target's latency model.
@@ -389,6 +389,17 @@ def _checkpoint_path(cfg: SearchConfig, arch_id: str) -> Path:
 def _drop_checkpoint(ckpt: Path) -> None:
     for f in (ckpt, ckpt.with_suffix(".json")):
         f.unlink(missing_ok=True)
+
+
+def _still_valid(m: Measurement, profile: HardwareProfile) -> bool:
+    """Whether a stored figure still says what a new one would: a measurement always; an estimate
+    only if the device's latency model is the one it came from (its points may have changed since;
+    an ``estimated:roofline`` row, from the constant factor, never)."""
+    from nas.stages.estimate import device_model
+
+    if not is_estimated(m.label):
+        return True
+    return m.provenance.get("model_digest") == device_model(profile).digest()
 
 
 def _here(env: TrialEnv) -> str | None:

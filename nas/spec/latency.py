@@ -32,7 +32,9 @@ graph; when the deployment graph itself is built its real node count can replace
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -198,6 +200,12 @@ class LatencyModel:
         longest context + the runtime's own base."""
         kv = spec.kv_cache_bytes_per_token() * cached_tokens * batch
         return math.ceil(weight_bytes + kv + self.base_memory_mb * 2**20)
+
+    def digest(self) -> str:
+        """Hash of the parameters: an estimate made with other parameters (the profile's points
+        changed) is not reused as this model's."""
+        facts = {k: v for k, v in self.describe().items() if k != "parameter_sources"}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         """The model and its parameters, for a measurement's provenance."""

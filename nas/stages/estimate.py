@@ -136,7 +136,7 @@ def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None
         peak = model.peak_memory_bytes(model_bytes, spec, w.cached_tokens(spec), w.batch)
         memory_from = "model: deployed weights + KV cache at the workload + runtime base"
     provenance: dict[str, Any] = {
-        "estimator": "per-device latency model", **model.describe(),
+        "estimator": "per-device latency model", **model.describe(), "model_digest": model.digest(),
         "kernels_per_step": decode.kernels, "kernel_count": "analytic, fused deployment graph",
         "decode_bytes": decode.bytes, "decode_flops": decode.flops, "prefill_flops": prefill.flops,
         "model_bytes_from": "host export" if host_measurement is not None else "analytic (ArchSpec.weight_bytes)",
