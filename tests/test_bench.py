@@ -81,3 +81,16 @@ def test_store_scale_times_the_front_through_store_cli_and_web(tmp_path: Path) -
     ops = doc["summary"]["sqlite"]
     assert {"Store.refresh_pareto", "Store.pareto", "nas pareto (CLI subprocess)"} <= ops.keys()
     assert all(v["median"] > 0 and v["min"] <= v["median"] <= v["max"] for v in ops.values())
+
+
+def test_estimator_accuracy_scores_each_device_model_leave_one_out_against_the_bytes_baseline(tmp_path: Path) -> None:
+    doc = run_bench("estimator_accuracy", tmp_path)
+    devices = {d["profile"]: d for d in doc["devices"]}
+    assert {"jetson", "rpi5"} <= set(devices)
+    for d in devices.values():
+        decode = d["phases"]["decode"]
+        assert decode["n"] == d["n_points"] >= 5
+        assert 0 <= decode["model_loo_mape"] < 1 and 0 <= decode["baseline_loo_mape"] < 1
+        assert -1 <= decode["model_loo_kendall_tau"] <= 1
+        assert {r["phase"] for r in d["rows"]} <= {"decode", "prefill"}
+    assert -1 <= doc["ranking_agreement"]["kendall_tau"]["jetson vs rpi5"] < 1
