@@ -212,7 +212,9 @@ def measure(
     w = m.workload
     table = Table(title=f"{spec.arch_id} on {profile.name}",
                   caption=f"prompt {w['prompt_tokens']} tokens, decode at {w['context_tokens']} cached tokens, "
-                          f"batch {w['batch']}, {w['warmup']} warm-up + up to {w['repeats']} repeats")
+                          f"batch {w['batch']}, "
+                          + (f"{w['warmup']} warm-up + up to {w['repeats']} repeats" if "repeats" in w
+                             else "estimated (no repeats: the device's latency model)"))
     table.add_column("figure")
     table.add_column("value")
     table.add_column("budget")
