@@ -312,8 +312,8 @@ def fit_latency_model(observations: Sequence[Observation], prior: DevicePrior, *
     bandwidth = {c: prior.bandwidth_gbs / theta[i] for i, c in enumerate(columns)}
     if "*" not in bandwidth:  # a dtype without points of its own: the geometric mean of the fitted ones
         bandwidth["*"] = math.exp(statistics.fmean(math.log(v) for v in bandwidth.values()))
-    n_decode = sum(o.step.phase == "decode" for o in observations)
-    n_prefill = len(observations) - n_decode
+    n_prefill = sum(o.step.phase == "prefill" for o in observations)
+
     def group(o: Observation) -> str:
         return o.step.dtype if o.step.dtype in groups else "*"
 

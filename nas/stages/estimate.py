@@ -126,12 +126,11 @@ def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None
     past, prompt = w.decode_past_tokens(spec), w.prefill_tokens(spec)
     decode, prefill = decode_step(spec, past), prefill_step(spec, prompt)
     model_bytes = host_measurement.model_bytes if host_measurement is not None else spec.weight_bytes()
+    host_peak = host_measurement.peak_memory_bytes if host_measurement is not None else None
     same_runtime = (host_measurement is not None and target.runtime.execution_provider == "CPUExecutionProvider"
-                    and host_measurement.provenance.get("execution_provider") == "CPUExecutionProvider"
-                    and host_measurement.peak_memory_bytes is not None)
-    if same_runtime:
-        assert host_measurement is not None
-        peak, memory_from = host_measurement.peak_memory_bytes, "host peak RSS (same CPU runtime, file and workload)"
+                    and host_measurement.provenance.get("execution_provider") == "CPUExecutionProvider")
+    if same_runtime and host_peak is not None:
+        peak, memory_from = host_peak, "host peak RSS (same CPU runtime, file and workload)"
     else:
         peak = model.peak_memory_bytes(model_bytes, spec, w.cached_tokens(spec), w.batch)
         memory_from = "model: deployed weights + KV cache at the workload + runtime base"
