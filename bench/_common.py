@@ -10,6 +10,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from nas.spec.latency import kendall_tau
+
+__all__ = ["cpu_model", "kendall_tau", "machine", "spread"]
+
 
 def cpu_model() -> str:
     """The CPU's model name, for the machine facts every result records."""
@@ -34,11 +38,3 @@ def spread(values: Iterable[float]) -> dict[str, float]:
     v = [float(x) for x in values]
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
-
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-a over all pairs (ties count as neither concordant nor discordant)."""
-    n, s = len(a), 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            s += ((a[i] > a[j]) - (a[i] < a[j])) * ((b[i] > b[j]) - (b[i] < b[j]))
-    return 2 * s / (n * (n - 1))

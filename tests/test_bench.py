@@ -95,3 +95,16 @@ def test_fidelity_ranks_rungs_against_a_longer_run_under_each_rule(tmp_path):
         assert all(len(arch["runs"][rule][seed]["bpb"]) == 3 for rule in ("width", "constant") for seed in ("0", "1"))
     again = run_bench("fidelity", tmp_path)  # a second run with the same settings has nothing left to do
     assert again["archs"] == doc["archs"]
+
+
+def test_estimator_accuracy_scores_each_device_model_leave_one_out_against_the_bytes_baseline(tmp_path: Path) -> None:
+    doc = run_bench("estimator_accuracy", tmp_path)
+    devices = {d["profile"]: d for d in doc["devices"]}
+    assert {"jetson", "rpi5"} <= set(devices)
+    for d in devices.values():
+        decode = d["phases"]["decode"]
+        assert decode["n"] == d["n_points"] >= 5
+        assert 0 <= decode["model_loo_mape"] < 1 and 0 <= decode["baseline_loo_mape"] < 1
+        assert -1 <= decode["model_loo_kendall_tau"] <= 1
+        assert {r["phase"] for r in d["rows"]} <= {"decode", "prefill"}
+    assert -1 <= doc["ranking_agreement"]["kendall_tau"]["jetson vs rpi5"] < 1

@@ -161,7 +161,7 @@ def test_without_the_device_node_the_search_says_so_once_and_estimates(env, clus
     with Store(db) as store:
         trials = store.trials(study="tiny-absent")
         labels = {store.get_measurement(id=t.measurement_id).label for t in trials if t.measurement_id}
-    assert labels == {"estimated:roofline"}, [(t.state, t.failure_reason) for t in trials]
+    assert labels == {"estimated:model"}, [(t.state, t.failure_reason) for t in trials]
 
 
 def test_a_worker_killed_mid_trial_fails_that_trial_and_the_search_goes_on(env, cluster, tmp_path):

@@ -48,8 +48,10 @@ BASE: dict[str, Any] = {
 }
 SMALL_ARCH = {"vocab_size": 2048, "d_model": 192, "n_layers": 4, "n_heads": 4, "attention": "gqa",
               "n_kv_heads": 2, "head_dim": 48, "context_length": 256}
-POINT = {"arch": SMALL_ARCH, "bitwidth": 8, "prefill_ms": 12.5, "decode_ms": 1.9,
-         "source": "pi5-lab run 2024-05-01, ORT 1.20, 4 threads"}
+POINT = {"model": "our gqa 4L", "arch": SMALL_ARCH, "bitwidth": 8, "quantization": "int8 dynamic",
+         "runtime": "ONNX Runtime 1.20 CPU", "workload": {"prompt_tokens": 64, "context_tokens": 255},
+         "prefill_ms": 12.5, "decode_ms": 1.9,
+         "source": {"url": "file://pi5-lab/run-2024-05-01.json", "board": "Raspberry Pi 5 8GB"}}
 
 
 def edited(path: str, value: Any = None, *, delete: bool = False) -> dict[str, Any]:
@@ -160,7 +162,17 @@ BAD = [
     (edited("calibration", [{**POINT, "arch": {**SMALL_ARCH, "bitwidth": 4}}]), "calibration[0].arch.bitwidth",
      "point's bitwidth is 8"),
     (edited("calibration", [POINT, {**POINT, "decode_ms": -1}]), "calibration[1].decode_ms", "greater than 0"),
-    (edited("calibration", [{**POINT, "source": ""}]), "calibration[0].source", "at least 1 character"),
+    (edited("calibration", [{**POINT, "source": {"url": "", "board": "Pi 5"}}]), "calibration[0].source.url",
+     "at least 1 character"),
+    (edited("calibration", [{**POINT, "source": "a lab run"}]), "calibration[0].source", "valid dictionary"),
+    (edited("calibration", [{**POINT, "decode_tokens_per_s": 500}]), "calibration[0].decode_ms", "not both"),
+    (edited("calibration", [{k: v for k, v in POINT.items() if k not in ("decode_ms", "prefill_ms")}]),
+     "calibration[0].decode_tokens_per_s", "needs a decode or a prefill figure"),
+    (edited("calibration", [{**POINT, "workload": {}}]), "calibration[0].workload.prompt_tokens", "prefill_ms"),
+    (edited("calibration", [{**POINT, "bits_per_weight": 8.5, "file_mb": 3.0}]), "calibration[0].file_mb",
+     "not both"),
+    (edited("calibration", [{**POINT, "decode_ms": "fast"}]), "calibration[0].decode_ms", "number"),
+    (edited("latency_prior", {"kernel_us": 0, "base_memory_mb": 45}), "latency_prior.kernel_us", "greater than 0"),
     (edited("name", "other"), "name", "file name"),
     ("device: {name: x, kind: cpu\nruntime: [", "line", "not valid YAML"),
     ("- just\n- a list\n", "", "must be a mapping"),

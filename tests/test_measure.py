@@ -1,4 +1,4 @@
-"""Measurement in an isolated process, the roofline estimate, and their labels."""
+"""Measurement in an isolated process, the per-device estimate beside it, and their labels."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nas.spec.profile import load_profile
-from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, LatencyStats, Measurement
-from nas.stages.estimate import HostCalibration, calibrate_host, estimate, fit_corrections, roofline_factors
+from nas.spec.profile import latency_model, load_profile
+from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, LatencyStats, Measurement
+from nas.stages.estimate import calibrate_host, estimate
 from nas.stages.export import export_spec
 from nas.stages.measure import MeasurementError, _failure_reason, measure_local
 from tests.test_arch import make
@@ -91,32 +91,29 @@ def test_a_killed_worker_is_reported_with_its_signal():
     assert "exit 3" in _failure_reason(3, "Traceback...\nValueError: bad\n")
 
 
-def _cal(bw: float = 20.0, flops: float = 100.0) -> HostCalibration:
-    return HostCalibration(memory_bandwidth_gbs=bw, peak_gflops={"fp32": flops, "fp16": flops, "int8": 4 * flops},
-                           provenance={"cpu": "test"}, measured_at=0.0)
-
-
-def test_estimate_scales_decode_by_bandwidth_and_prefill_by_compute(host_measurement: Measurement):
+def test_an_estimate_takes_latency_from_the_device_model_and_size_from_the_host(host_measurement: Measurement):
     rpi5 = load_profile("rpi5")
-    cal = _cal()
-    est = estimate(host_measurement, SPEC, rpi5, cal)
-    assert est.label == ESTIMATED_ROOFLINE and est.profile == "rpi5"
-    assert est.decode.median_ms == pytest.approx(host_measurement.decode.median_ms * 20e9 / rpi5.bandwidth_bytes_per_s)
-    assert est.prefill.median_ms == pytest.approx(host_measurement.prefill.median_ms * 400e9 / rpi5.peak_flops(8))
-    assert est.decode.cv == pytest.approx(host_measurement.decode.cv)  # the host's spread, scaled
+    est = estimate(SPEC, rpi5, host_measurement=host_measurement)
+    assert est.label == ESTIMATED_MODEL and est.profile == "rpi5" and est.arch_id == SPEC.arch_id
+    model = latency_model(rpi5)
+    past, prompt = rpi5.workload.decode_past_tokens(SPEC), rpi5.workload.prefill_tokens(SPEC)
+    assert est.decode.median_ms == pytest.approx(model.decode_ms(SPEC, past))
+    assert est.prefill.median_ms == pytest.approx(model.prefill_ms(SPEC, prompt))
+    # the host's own timing is kept for comparison but is not what the estimate says
     assert est.provenance["host_decode_ms"] == host_measurement.decode.median_ms
-    f = roofline_factors(SPEC, rpi5, cal)
-    corrected = estimate(host_measurement, SPEC, rpi5, cal, corrections=(2.0, 0.5))
-    assert corrected.decode.median_ms == pytest.approx(host_measurement.decode.median_ms * f.decode * 2.0)
-    assert corrected.prefill.median_ms == pytest.approx(host_measurement.prefill.median_ms * f.prefill * 0.5)
+    assert est.model_bytes == host_measurement.model_bytes  # the deployed file, not the analytic bytes
+    # a CPU target on the same runtime library: the host's peak memory of the same file and workload
+    assert est.peak_memory_bytes == host_measurement.peak_memory_bytes
+    assert est.provenance["estimator"] == "per-device latency model" and est.provenance["n_points"] == 11
+    assert Measurement.from_dict(json.loads(json.dumps(est.to_dict()))) == est
 
 
-def test_calibration_points_correct_by_the_median_ratio(host_measurement: Measurement):
-    est = estimate(host_measurement, SPEC, load_profile("rpi5"), _cal())
-    d, p = est.decode.median_ms, est.prefill.median_ms
-    pairs = [(est, 2 * d, 3 * p), (est, 4 * d, None), (est, 3 * d, 3 * p)]
-    assert fit_corrections(pairs) == (pytest.approx(3.0), pytest.approx(3.0))
-    assert fit_corrections([]) == (1.0, 1.0)
+def test_a_gpu_target_s_memory_is_the_model_s_not_the_host_s(host_measurement: Measurement):
+    jetson = load_profile("jetson")
+    est = estimate(SPEC, jetson, host_measurement=host_measurement)
+    base = jetson.latency_prior.base_memory_mb * 2**20
+    assert est.peak_memory_bytes > base + host_measurement.model_bytes  # CUDA's runtime, not this host's RSS
+    assert "runtime base" in est.provenance["memory_from"]
 
 
 def test_budget_constraints_are_figure_minus_budget(host_measurement: Measurement):
@@ -148,8 +145,8 @@ def test_host_calibration_is_measured_once_then_cached(cache: Path, monkeypatch:
     assert calibrate_host(host) == cal
 
 
-@pytest.mark.parametrize("device,label", [("host", "measured:local"), ("laptop", "estimated:roofline"),
-                                          ("jetson", "estimated:roofline")])
+@pytest.mark.parametrize("device,label", [("host", "measured:local"), ("laptop", "estimated:model"),
+                                          ("jetson", "estimated:model")])
 def test_cli_measure_prints_labelled_figures(device: str, label: str, cache: Path, tmp_path: Path):
     arch = tmp_path / "arch.json"
     arch.write_text(SPEC.canonical_json())

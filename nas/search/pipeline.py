@@ -6,25 +6,26 @@ Where the figure comes from follows the profile's ``measurement.where``:
 
 - ``local``: measured here, labelled ``measured:local``.
 - ``ray``: measured on the Ray node that advertises the profile's resource (the distributed
-  executor); without such a node the roofline estimate is used and said so, or refused when a
-  measured figure is required.
-- ``estimate``: the host measures the target's workload and the roofline scales it, labelled
-  ``estimated:roofline``, corrected by the profile's calibration points when it has some.
+  executor); without such a node the device's latency model estimates it and says so, or it is
+  refused when a measured figure is required.
+- ``estimate``: the device's latency model (fitted to the profile's calibration points, or its
+  datasheet without them) gives the latency, labelled ``estimated:model``; the host exports and
+  measures the same graph for the file size and, on a CPU target, the peak memory
+  (``nas.stages.estimate``).
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
+from nas.spec.latency import LatencyModel
 from nas.spec.profile import HardwareProfile, load_profile
-from nas.spec.results import Measurement
-from nas.stages.estimate import HostCalibration, calibrate_host, calibrated_profile, estimate, fit_corrections
+from nas.spec.results import ESTIMATED_MODEL, Measurement
+from nas.stages.estimate import HostCalibration, calibrate_host, calibrated_profile, device_model, estimate
 from nas.stages.measure import measure_local
 
 HOST_PROFILE = "host"
@@ -36,35 +37,16 @@ class NotMeasurable(NasError):
 
 @dataclass
 class Host:
-    """This machine as a measurer: its profile with the measured facts filled in, the calibration
-    behind them, and the correction factors fitted per target profile. The factors depend on the
-    target's calibration points *and* on this calibration, so they are cached here, with it: a
-    new calibration is a new ``Host`` and fits them again."""
+    """This machine as a measurer: its profile with the measured facts filled in, and the
+    calibration behind them. For an estimated target it measures the deployed graph (file size,
+    memory on a CPU target); the latency is the target's own model's."""
 
     profile: HardwareProfile
     cal: HostCalibration
-    _corrections: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
 
-    def corrections(self, target: HardwareProfile) -> tuple[float, float]:
-        """(decode, prefill) correction factors from the target's calibration points: each point's
-        arch is exported and measured here on the target's workload, estimated, and compared with
-        the figure measured on the device. (1, 1) without points."""
-        from nas.stages.export import export_spec
-
-        if not target.calibration:
-            return (1.0, 1.0)
-        # the fingerprint leaves calibration out (it keys measurements); the points matter here
-        points = json.dumps(target.model_dump(mode="json", include={"calibration"}), sort_keys=True)
-        key = f"{target.name}-{target.fingerprint}-{points}"
-        if key not in self._corrections:
-            pairs = []
-            for point in target.calibration:
-                with tempfile.TemporaryDirectory() as tmp:
-                    exported = export_spec(point.arch, Path(tmp))
-                    here = measure_local(exported.path.parent, point.arch, target, runtime=self.profile)
-                pairs.append((estimate(here, point.arch, target, self.cal), point.decode_ms, point.prefill_ms))
-            self._corrections[key] = fit_corrections(pairs)
-        return self._corrections[key]
+    def model_for(self, target: HardwareProfile) -> LatencyModel:
+        """The target's latency model (fitted to its calibration points; cached per profile value)."""
+        return device_model(target)
 
 
 def host_setup(refresh: bool = False) -> Host:
@@ -98,10 +80,10 @@ def measure_deployed(
             )
         if notify is not None:
             notify(f"no Ray node advertises {profile.measurement.ray_resource!r}: "
-                   f"figures for {profile.name} are estimated:roofline, not measured")
+                   f"figures for {profile.name} are {ESTIMATED_MODEL} (its latency model), not measured")
     elif require_measured:
         raise NotMeasurable(f"profile {profile.name!r} can only be estimated (measurement.where: estimate)")
     if host is None:
         raise ValueError(f"profile {profile.name!r} is estimated from this host: pass the calibrated host")
     here = measure_local(model_dir, spec, profile, runtime=host.profile)
-    return estimate(here, spec, profile, host.cal, corrections=host.corrections(profile))
+    return estimate(spec, profile, host.model_for(profile), host_measurement=here)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from nas.search.config import SearchEvents
 from nas.spec.errors import NasError
-from nas.spec.results import Measurement, measured_on
+from nas.spec.results import ESTIMATED_MODEL, Measurement, measured_on
 
 if TYPE_CHECKING:
     from nas.search.config import SearchConfig
@@ -201,7 +201,7 @@ def _device_node(ray: Any, driver: Search, events: SearchEvents) -> str | None:
         raise NotMeasurable(f"profile {driver.profile.name!r} is measured on a Ray node advertising "
                             f"{m.ray_resource!r}, and none is in the cluster (--require-measured)")
     events.message(f"no Ray node advertises {m.ray_resource!r}: figures for {driver.profile.name} are "
-                   "estimated:roofline, not measured (join the device with "
+                   f"{ESTIMATED_MODEL} (its latency model), not measured (join the device with "
                    f"`ray start --address HEAD --resources '{{\"{m.ray_resource}\": 1}}'`)")
     return None
 

@@ -50,7 +50,7 @@ from nas.spec.profile import (
     min_model_bytes,
     min_peak_memory_bytes,
 )
-from nas.spec.results import ESTIMATED_ROOFLINE, MEASURED_LOCAL, Measurement, measured_on
+from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, is_estimated, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
 from nas.store import Store
@@ -258,9 +258,10 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     labels = ["measured:*"] if cfg.require_measured or env.ray_measure is not None else None
     row = env.store.find_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
                                      labels=labels, workload=workload, fingerprint=_here(env))
-    if row is not None:
+    if row is not None and _still_valid(row.to_measurement(), profile):
         return row.to_measurement(), row.id, None
-    # Only an estimate needs this host's calibration (the roofline scales its measurement).
+    # Only an estimate needs the host: it measures the deployed graph (file size, CPU memory)
+    # beside the target's latency model.
     host = env.resources.calibrated_host() if profile.measurement.where != "local" else None
     with deadline(stage_deadline_s("export", spec, cfg.stage_deadline_factor), "export and quantize"):
         exported = export_spec(spec, scratch, model=fresh_distinct_model(spec), progress=_step(env, "measure"))
@@ -402,6 +403,17 @@ def _drop_checkpoint(ckpt: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def _still_valid(m: Measurement, profile: HardwareProfile) -> bool:
+    """Whether a stored figure still says what a new one would: a measurement always; an estimate
+    only if the device's latency model is the one it came from (its points may have changed since;
+    an ``estimated:roofline`` row, from the constant factor, never)."""
+    from nas.stages.estimate import device_model
+
+    if not is_estimated(m.label):
+        return True
+    return m.provenance.get("model_digest") == device_model(profile).digest()
+
+
 def _here(env: TrialEnv) -> str | None:
     """The fingerprint a figure for this profile would be taken under now: this machine with the
     profile's runtime (local), or with the host's (an estimate scales a host measurement). None
@@ -527,7 +539,7 @@ def attempted_label(profile: HardwareProfile, on_device_node: bool) -> str:
         return MEASURED_LOCAL
     if on_device_node:
         return measured_on(str(profile.measurement.ray_resource))
-    return ESTIMATED_ROOFLINE  # the host measures so that the roofline can scale it
+    return ESTIMATED_MODEL  # the target's latency model, beside the host's measurement of the graph
 
 
 def objective_values(spec: ArchSpec, m: Measurement | None, bpb: float | None) -> dict[str, float]:

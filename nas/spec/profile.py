@@ -54,6 +54,15 @@ from pydantic import (
 from nas.spec.arch import BITWIDTHS, ArchSpec
 from nas.spec.errors import ConfigError, SpecError
 from nas.spec.files import definition_files, parse_yaml_mapping, read_definition
+from nas.spec.latency import (
+    DevicePrior,
+    LatencyModel,
+    Observation,
+    decode_step,
+    fit_base_memory,
+    fit_latency_model,
+    prefill_step,
+)
 
 MEASURE = "measure"
 """A device fact that cannot be written down ahead of time (the host a search happens to run on):
@@ -224,7 +233,7 @@ class Budgets(_Section):
 class MeasurementSite(_Section):
     """Where a figure for this profile comes from: ``local`` (this host measures for real),
     ``ray`` (a Ray node advertising ``ray_resource`` measures it on the device), ``estimate``
-    (the roofline model scales a host measurement; labelled as such, never as measured)."""
+    (the device's latency model gives the figure; labelled as such, never as measured)."""
 
     where: Literal["local", "ray", "estimate"]
     ray_resource: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
@@ -239,16 +248,68 @@ class MeasurementSite(_Section):
         return self
 
 
-class CalibrationPoint(_Section):
-    """One latency measured on the real device, to calibrate the estimate against."""
+PREFILL_PROMPT_IF_UNPUBLISHED = 512
+"""Prompt length a published prefill *rate* is taken at when its source does not say (llama.cpp's
+``llama-bench`` measures prompts of 512 tokens by default): only the per-kernel share of the time
+depends on it, small for the models such figures are published for."""
 
+
+class PointSource(_Section):
+    """Where a calibration figure was published, and on what exactly it was taken."""
+
+    url: Text
+    """The page, thread or file that publishes the figure."""
+    board: Text
+    """The board (and memory size) it ran on; where it is not the profile's own device, the
+    profile's description says how they differ."""
+    power_mode: Text | None = None
+    date: Text | None = None
+    note: Text | None = None
+    """Anything needed to read the figure: which row of a table, how it was averaged."""
+
+
+class PointWorkload(_Section):
+    """What the published run did, as far as its source says (unknown: left out)."""
+
+    prompt_tokens: PositiveInt | None = None
+    """Prompt length of the prefill figure."""
+    context_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
+    """Positions in the KV cache during the decode figure (the middle of a generation for a
+    figure averaged over one); unknown counts as 0, which for the short runs such figures come
+    from moves the KV bytes by a few percent of the weights at most."""
+    threads: PositiveInt | None = None
+
+
+class CalibrationPoint(_Section):
+    """One latency published (or measured by us) on the device, to fit the device's latency model.
+
+    ``arch`` describes the model by the ArchSpec fields the model needs (from its public config);
+    ``bitwidth`` is the dtype class of its weights (4: 4-bit formats, 8, 16, 32), while the bytes
+    read come from ``bits_per_weight`` or ``file_mb`` (a Q4_K_M file holds ~4.85 bits per weight,
+    not 4). Each phase is given as published: milliseconds or tokens per second."""
+
+    model: Text
+    """The public model, e.g. ``TinyLlama-1.1B``."""
     arch: Spec
     bitwidth: Literal[32, 16, 8, 4]
-    prefill_ms: PositiveFloat
-    decode_ms: PositiveFloat
-    source: Text
-    """Who measured it, how and when (e.g. a log file or a run id): a figure without provenance
-    cannot be trusted or re-taken."""
+    quantization: Text
+    """The runtime's format name (``Q4_K_M``, ``q4f16_ft``, ``int4 MatMulNBits``)."""
+    bits_per_weight: PositiveFloat | None = None
+    file_mb: PositiveFloat | None = None
+    """Size of the model file as published, MiB: gives the bits per weight."""
+    kv_bytes_per_element: Literal[1, 2, 4] | None = None
+    """Bytes per KV-cache element (llama.cpp and MLC keep fp16: 2); default: the spec's own."""
+    runtime: Text
+    """Runtime and version (``llama.cpp b4240 CPU``, ``MLC 0.1.x CUDA``, ``ONNX Runtime 1.32``)."""
+    workload: PointWorkload = PointWorkload()
+    decode_ms: PositiveFloat | None = None
+    decode_tokens_per_s: PositiveFloat | None = None
+    prefill_ms: PositiveFloat | None = None
+    """The whole prompt's prefill (needs ``workload.prompt_tokens``)."""
+    prefill_tokens_per_s: PositiveFloat | None = None
+    peak_memory_mb: PositiveFloat | None = None
+    """Peak resident memory of the inference process, MiB, where the source gives it."""
+    source: PointSource
 
     @model_validator(mode="before")
     @classmethod
@@ -264,6 +325,54 @@ class CalibrationPoint(_Section):
             raise _FieldProblem("arch.bitwidth", f"is {arch_bits!r} but the point's bitwidth is {bits}")
         return {**data, "arch": {**data["arch"], "bitwidth": bits}}
 
+    @model_validator(mode="after")
+    def _figures(self) -> CalibrationPoint:
+        for phase in ("decode", "prefill"):
+            if getattr(self, f"{phase}_ms") is not None and getattr(self, f"{phase}_tokens_per_s") is not None:
+                raise _FieldProblem(f"{phase}_ms", f"give {phase}_ms or {phase}_tokens_per_s, not both")
+        if self.decode_ms is None and self.decode_tokens_per_s is None and self.prefill_ms is None \
+                and self.prefill_tokens_per_s is None:
+            raise _FieldProblem("decode_tokens_per_s", "a point needs a decode or a prefill figure (ms or tokens/s)")
+        if self.prefill_ms is not None and self.workload.prompt_tokens is None:
+            raise _FieldProblem("workload.prompt_tokens", "is required with prefill_ms (the prompt it was taken on)")
+        if self.bits_per_weight is not None and self.file_mb is not None:
+            raise _FieldProblem("file_mb", "give bits_per_weight or file_mb, not both")
+        return self
+
+    # --- the figures in the model's units --------------------------------------------------
+    def bits(self) -> float:
+        """Average stored bits per parameter."""
+        if self.bits_per_weight is not None:
+            return self.bits_per_weight
+        if self.file_mb is not None:
+            return self.file_mb * MIB * 8 / self.arch.params()
+        return self.arch.weight_bytes() * 8 / self.arch.params()
+
+    def measured_decode_ms(self) -> float | None:
+        if self.decode_ms is not None:
+            return self.decode_ms
+        return None if self.decode_tokens_per_s is None else 1e3 / self.decode_tokens_per_s
+
+    def prompt_tokens(self) -> int:
+        """The prefill figure's prompt (published, or ``PREFILL_PROMPT_IF_UNPUBLISHED``)."""
+        return self.workload.prompt_tokens or PREFILL_PROMPT_IF_UNPUBLISHED
+
+    def measured_prefill_ms(self) -> float | None:
+        """The whole prompt's prefill, ms."""
+        if self.prefill_ms is not None:
+            return self.prefill_ms
+        return None if self.prefill_tokens_per_s is None else 1e3 * self.prompt_tokens() / self.prefill_tokens_per_s
+
+
+class LatencyPrior(_Section):
+    """What the latency model assumes of the execution provider before (or beside) the points.
+    Not part of the fingerprint: it changes estimates, never a measurement."""
+
+    kernel_us: PositiveFloat
+    """Cost of one kernel (launch, dispatch, the element-wise work around it), microseconds."""
+    base_memory_mb: PositiveFloat
+    """Resident memory of the runtime before any weight (libraries, CUDA context), MiB."""
+
 
 class HardwareProfile(_Section):
     """A device, how it runs, what it is asked to do and what it must stay within."""
@@ -278,6 +387,9 @@ class HardwareProfile(_Section):
     workload: Workload
     budgets: Budgets
     measurement: MeasurementSite
+    latency_prior: LatencyPrior | None = None
+    """The per-kernel cost and runtime base the latency model starts from; default: by provider
+    (``DEFAULT_LATENCY_PRIOR``)."""
     calibration: tuple[CalibrationPoint, ...] = ()
 
     @field_validator("calibration", mode="before")
@@ -312,7 +424,7 @@ class HardwareProfile(_Section):
         facts = self.model_dump(include={"device", "runtime", "workload"})
         return hashlib.sha256(json.dumps(facts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
-    # --- figures for the roofline and the checks ---------------------------------------------
+    # --- datasheet figures for the latency model and the checks ---------------------------------------------
     def to_be_measured(self) -> list[str]:
         """Dotted keys of the device facts marked ``measure`` (empty once calibrated)."""
         d = self.device
@@ -352,6 +464,55 @@ class HardwareProfile(_Section):
         device.update({k: v for k, v in updates.items() if v is not None})
         device["peak_gflops"] = {**device["peak_gflops"], **(peak_gflops or {})}
         return _validate({**self.model_dump(), "device": device}, self.source or self.name)
+
+
+# --- the latency model of a device --------------------------------------------------------------
+DEFAULT_LATENCY_PRIOR: dict[str, LatencyPrior] = {
+    # ~4 us per node: the 30M int4 model of docs/dependencies.md ran ~460 nodes per decode step in
+    # ~2.25 ms with most kernel time outside the MatMuls, on the 2-vCPU development host; the
+    # runtime base is onnxruntime and numpy imported (~45 MiB there).
+    "CPUExecutionProvider": LatencyPrior(kernel_us=4.0, base_memory_mb=45.0),
+    # Assumed, not measured here: a CUDA launch and its host-side dispatch from a small Arm core
+    # (~10 us), and the CUDA context with cuBLAS/cuDNN loaded (several hundred MiB).
+    "CUDAExecutionProvider": LatencyPrior(kernel_us=10.0, base_memory_mb=400.0),
+}
+
+
+def device_prior(profile: HardwareProfile) -> DevicePrior:
+    """The datasheet side of a profile's latency model (its facts must be known, not ``measure``)."""
+    prior = profile.latency_prior or DEFAULT_LATENCY_PRIOR[profile.runtime.execution_provider]
+    peaks = {DTYPES[b]: profile.peak_flops(b) / 1e9 for b in DTYPES}
+    source = "datasheet" if profile.latency_prior else (
+        f"datasheet; kernel and base priors: {profile.runtime.execution_provider} defaults")
+    return DevicePrior(bandwidth_gbs=profile.bandwidth_bytes_per_s / 1e9, peak_gflops=peaks,
+                       kernel_us=prior.kernel_us, base_memory_mb=prior.base_memory_mb, source=source)
+
+
+def point_observations(point: CalibrationPoint, index: int) -> list[Observation]:
+    """The measured steps of one calibration point (a decode figure, a prefill figure, or both)."""
+    kw = {"bits_per_weight": point.bits(), "kv_bytes_per_element": point.kv_bytes_per_element}
+    out = []
+    decode = point.measured_decode_ms()
+    if decode is not None:
+        out.append(Observation(decode_step(point.arch, point.workload.context_tokens or 0, **kw), decode, index))
+    prefill = point.measured_prefill_ms()
+    if prefill is not None:
+        out.append(Observation(prefill_step(point.arch, point.prompt_tokens(), **kw), prefill, index))
+    return out
+
+
+def latency_model(profile: HardwareProfile, *, leave_out: int | None = None) -> LatencyModel:
+    """The device's latency model fitted to its profile's calibration points (or its datasheet,
+    with fewer than ``MIN_POINTS``); ``leave_out`` drops one point (leave-one-out accuracy)."""
+    points = [p for i, p in enumerate(profile.calibration) if i != leave_out]
+    observations = [o for i, p in enumerate(points) for o in point_observations(p, i)]
+    model = fit_latency_model(observations, device_prior(profile))
+    residuals = []
+    for p in points:  # the runtime base, where points publish the process's peak memory
+        if p.peak_memory_mb is not None:
+            held = p.arch.params() * p.bits() / 8 + p.arch.kv_cache_bytes_per_token() * (p.workload.context_tokens or 0)
+            residuals.append(p.peak_memory_mb - held / MIB)
+    return fit_base_memory(model, residuals)
 
 
 # --- the analytic check --------------------------------------------------------------------------
@@ -400,7 +561,7 @@ def analytic_budget_check(spec: ArchSpec, profile: HardwareProfile) -> list[str]
 
 
 # --- loading -------------------------------------------------------------------------------------
-_SECTIONS = {"description", "device", "runtime", "workload", "budgets", "measurement", "calibration"}
+_SECTIONS = {"description", "device", "runtime", "workload", "budgets", "measurement", "latency_prior", "calibration"}
 
 
 def _dotted(loc: list[str | int]) -> str:

@@ -12,7 +12,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MEASURED_LOCAL = "measured:local"
+ESTIMATED_MODEL = "estimated:model"
+"""A figure from the target device's own latency model (fitted to points measured on it)."""
 ESTIMATED_ROOFLINE = "estimated:roofline"
+"""The earlier estimate (this host's timing scaled by a bandwidth ratio): no longer written, but
+rows of older databases keep it and stay displayable."""
+ESTIMATED_LABELS = (ESTIMATED_MODEL, ESTIMATED_ROOFLINE)
+
+
+def is_estimated(label: str | None) -> bool:
+    """Whether a figure was estimated rather than measured (any ``estimated:<how>``)."""
+    return bool(label) and str(label).startswith("estimated:")
 
 
 def measured_on(node: str) -> str:
@@ -63,7 +73,7 @@ class Measurement:
     profile: str
     bitwidth: int
     label: str
-    """``measured:local``, ``measured:<node>`` or ``estimated:roofline``."""
+    """``measured:local``, ``measured:<node>`` or ``estimated:model`` (``estimated:roofline`` in old rows)."""
     prefill: LatencyStats
     """One prefill of the profile's prompt (batch, prompt_tokens)."""
     decode: LatencyStats

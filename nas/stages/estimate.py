@@ -1,25 +1,31 @@
-"""Roofline estimates for devices we are not on, scaled from measurements on this host.
+"""Estimates for devices we are not on: the device's own latency model, fitted to points measured
+on that device, never this host's timing scaled by a constant.
 
-A figure for a target is never passed off as measured: it is the host's measurement of the same
-model and workload, scaled by a roofline model, and labelled ``estimated:roofline``.
+A figure for a target is labelled ``estimated:model`` (``nas.spec.results``), and its provenance
+says which model gave it: its parameters, how many calibration points they were fitted to and how
+far the fit is from them (``nas.spec.latency``, ``nas.spec.profile.latency_model``).
 
-- Decode (one token with a KV cache) streams every weight it uses plus the cache: memory-bound.
-  The host's decode time is scaled by host read bandwidth / target bandwidth.
-- Prefill (a prompt at once) is large matrix products: compute-bound. The host's prefill time is
-  scaled by the host's matrix-multiply rate / the target's peak rate for the model's dtype.
+- Latency (decode per token, prefill of the workload's prompt) comes from the model alone: the
+  spec's bytes, FLOPs and kernel count priced at the device's fitted bandwidth, rate and kernel
+  cost. This host's timing of the same graph is *not* used: a 2-core x86 VM ranks small models by
+  its own overheads, which is what the per-device model is there to avoid.
+- The host still measures the exported graph, for what the analytic model cannot know: the size
+  of the deployed files (what a tied table or a quantizer really stores), and, for a target on
+  the same CPU execution provider, the peak resident memory (the same runtime library, the same
+  file and the same workload give the same memory on an Arm board as here). For a GPU target the
+  memory is the model's: weights + KV cache + the provider's runtime base.
+- The kernel count is the analytic count of a fused deployment graph
+  (``nas.spec.latency.fused_kernels_per_step``), not the node count of the plain graph measured
+  here, which a deployment would not run.
 
-The host's bandwidth and rates are what ONNX Runtime attains here (``calibrate_host``); a
-target's are datasheet peaks, which real kernels do not reach, so an uncorrected estimate is
-optimistic. Calibration points measured on the real device (``calibration:`` in its profile)
-correct it: each phase is multiplied by the median ratio measured / estimated over the points.
-Small models are partly overhead-bound (docs/dependencies.md, "ONNX export": most of a decode step is small element-wise
-ops); that share is scaled like the rest, one more reason to calibrate on the device.
+``calibrate_host`` measures what ONNX Runtime attains on this machine (bandwidth, matmul rates)
+for the ``host`` profile's ``measure`` facts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from nas.spec.errors import NasError
 from nas.spec.files import atomic_write
-from nas.spec.results import ESTIMATED_ROOFLINE, Measurement
+from nas.spec.latency import LatencyModel, decode_step, prefill_step
+from nas.spec.profile import latency_model
+from nas.spec.results import ESTIMATED_MODEL, LatencyStats, Measurement
 
 if TYPE_CHECKING:
     from nas.spec.arch import ArchSpec
@@ -96,67 +104,50 @@ def calibrated_profile(host: HardwareProfile, cal: HostCalibration) -> HardwareP
     return host.with_measured(memory_bandwidth_gbs=cal.memory_bandwidth_gbs, peak_gflops=peaks)
 
 
-@dataclass(frozen=True)
-class Factors:
-    """How one host measurement became a target estimate."""
-
-    decode: float
-    prefill: float
-    decode_correction: float = 1.0
-    prefill_correction: float = 1.0
+@functools.lru_cache(maxsize=64)
+def device_model(target: HardwareProfile) -> LatencyModel:
+    """The target's latency model, fitted once per profile value (a profile is frozen and hashable,
+    so an edited file is a new key)."""
+    return latency_model(target)
 
 
-def roofline_factors(spec: ArchSpec, target: HardwareProfile, cal: HostCalibration) -> Factors:
-    """Multipliers from host time to target time, before any device calibration."""
-    decode = cal.bandwidth_bytes_per_s / target.bandwidth_bytes_per_s
-    prefill = cal.flops(spec.bitwidth) / target.peak_flops(spec.bitwidth)
-    return Factors(decode=decode, prefill=prefill)
+def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None = None, *,
+             host_measurement: Measurement | None = None) -> Measurement:
+    """The target's figures for ``spec`` on its workload, from the target's latency model.
 
-
-def estimate(host_measurement: Measurement, spec: ArchSpec, target: HardwareProfile, cal: HostCalibration,
-             *, corrections: tuple[float, float] = (1.0, 1.0)) -> Measurement:
-    """The target's figures for ``spec``, scaled from its measurement here on the target's workload.
-
-    ``corrections`` (decode, prefill) come from the target's calibration points (see
-    ``fit_corrections``). Memory is the host's peak resident set (same runtime library, same
-    model file): a device's runtime (e.g. CUDA) adds its own, which only a device measurement shows.
+    ``host_measurement`` (this host's measurement of the same deployed graph on the target's
+    workload) gives the file size and, for a CPU-provider target, the peak memory; without it
+    both are analytic (``ArchSpec.weight_bytes``; weights + KV + runtime base).
     """
-    if host_measurement.arch_id != spec.arch_id:
+    if host_measurement is not None and host_measurement.arch_id != spec.arch_id:
         raise NasError(f"host measurement is of {host_measurement.arch_id}, not {spec.arch_id}")
-    f = roofline_factors(spec, target, cal)
-    decode_f, prefill_f = f.decode * corrections[0], f.prefill * corrections[1]
+    model = model or device_model(target)
+    w = target.workload
+    past, prompt = w.decode_past_tokens(spec), w.prefill_tokens(spec)
+    decode, prefill = decode_step(spec, past), prefill_step(spec, prompt)
+    model_bytes = host_measurement.model_bytes if host_measurement is not None else spec.weight_bytes()
+    host_peak = host_measurement.peak_memory_bytes if host_measurement is not None else None
+    same_runtime = (host_measurement is not None and target.runtime.execution_provider == "CPUExecutionProvider"
+                    and host_measurement.provenance.get("execution_provider") == "CPUExecutionProvider")
+    if same_runtime and host_peak is not None:
+        peak, memory_from = host_peak, "host peak RSS (same CPU runtime, file and workload)"
+    else:
+        peak = model.peak_memory_bytes(model_bytes, spec, w.cached_tokens(spec), w.batch)
+        memory_from = "model: deployed weights + KV cache at the workload + runtime base"
+    provenance: dict[str, Any] = {
+        "estimator": "per-device latency model", **model.describe(), "model_digest": model.digest(),
+        "kernels_per_step": decode.kernels, "kernel_count": "analytic, fused deployment graph",
+        "decode_bytes": decode.bytes, "decode_flops": decode.flops, "prefill_flops": prefill.flops,
+        "model_bytes_from": "host export" if host_measurement is not None else "analytic (ArchSpec.weight_bytes)",
+        "memory_from": memory_from,
+    }
+    if host_measurement is not None:  # what this host measured, kept for comparison, not used for latency
+        provenance.update(host_decode_ms=host_measurement.decode.median_ms,
+                          host_prefill_ms=host_measurement.prefill.median_ms, host=host_measurement.provenance)
     return Measurement(
-        arch_id=spec.arch_id,
-        profile=target.name,
-        bitwidth=spec.bitwidth,
-        label=ESTIMATED_ROOFLINE,
-        prefill=host_measurement.prefill.scaled(prefill_f),
-        decode=host_measurement.decode.scaled(decode_f),
-        peak_memory_bytes=host_measurement.peak_memory_bytes,
-        model_bytes=host_measurement.model_bytes,
-        workload=host_measurement.workload,
-        provenance={
-            "method": "host measurement x roofline ratio",
-            "host_decode_ms": host_measurement.decode.median_ms,
-            "host_prefill_ms": host_measurement.prefill.median_ms,
-            "decode_factor": decode_f,
-            "prefill_factor": prefill_f,
-            "corrections": list(corrections),
-            "host_bandwidth_gbs": cal.memory_bandwidth_gbs,
-            "host_gflops": cal.peak_gflops[DTYPE[spec.bitwidth]],
-            "target_bandwidth_gbs": target.bandwidth_bytes_per_s / 1e9,
-            "target_gflops": target.peak_flops(spec.bitwidth) / 1e9,
-            "host": host_measurement.provenance,
-        },
+        arch_id=spec.arch_id, profile=target.name, bitwidth=spec.bitwidth, label=ESTIMATED_MODEL,
+        prefill=LatencyStats.of_median(model.step_ms(prefill)), decode=LatencyStats.of_median(model.step_ms(decode)),
+        peak_memory_bytes=peak, model_bytes=model_bytes,
+        workload={"prompt_tokens": prompt, "context_tokens": past, "batch": w.batch},
+        provenance=provenance,
     )
-
-
-def fit_corrections(pairs: list[tuple[Measurement, float | None, float | None]]) -> tuple[float, float]:
-    """Median measured/estimated ratio per phase over a device's calibration points.
-
-    ``pairs``: (uncorrected estimate, measured decode ms or None, measured prefill ms or None).
-    A phase without points keeps 1.0.
-    """
-    decode = [m / e.decode.median_ms for e, m, _ in pairs if m is not None and e.decode.median_ms > 0]
-    prefill = [m / e.prefill.median_ms for e, _, m in pairs if m is not None and e.prefill.median_ms > 0]
-    return (statistics.median(decode) if decode else 1.0, statistics.median(prefill) if prefill else 1.0)

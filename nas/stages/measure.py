@@ -83,7 +83,7 @@ def measure_local(
 
     Threads and execution provider come from ``runtime`` (default: ``profile`` itself). A target
     measured elsewhere passes the host profile as ``runtime``: its workload run on this machine
-    is what the roofline estimate scales.
+    gives an estimate its file size and, on a CPU target, its memory.
     """
     runtime_profile = runtime or profile
     threads = runtime_profile.runtime.threads

@@ -42,7 +42,7 @@ class MeasurementRow:
     profile: str
     bitwidth: int
     label: str
-    """``measured:local``, ``measured:<node>`` or ``estimated:roofline``."""
+    """``measured:local``, ``measured:<node>`` or ``estimated:model`` (``estimated:roofline`` in old rows)."""
     prefill_ms: float | None
     prefill_p10_ms: float | None
     prefill_p90_ms: float | None

@@ -16,7 +16,7 @@ from nas.faces.cli.common import DbOpt, console, db_url, err_console
 PLOT_HELP = (
     "Write a study's figures to one self-contained HTML page (plotly.js embedded: it opens offline).\n\n"
     "The page holds the Pareto front (BPB against decode latency; hover a point for its architecture and for where "
-    "each figure came from, measured on a device or estimated by the roofline; a cross marks a trial over a "
+    "each figure came from, measured on a device or estimated by its latency model; a cross marks a trial over a "
     "budget), a three-objective view, the hypervolume of the front over time, each objective against each search "
     "dimension, and the front as a table. --compare draws other studies on the same axes.\n\n"
     "Examples:\n\n"

@@ -169,7 +169,7 @@ def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 table.add_row(r["name"], f"[red]invalid: {r['error']}[/red]", "", "", "", "")
                 continue
             where = {"local": "measured:local", "ray": f"Ray node with '{r['ray_resource']}', else estimated",
-                     "estimate": "estimated:roofline"}[r["where"]]
+                     "estimate": "estimated:model"}[r["where"]]
             if r["calibration_points"]:
                 where += f" ({r['calibration_points']} calibration points)"
             budgets = ", ".join(f"{k} ≤ {v:g}" for k, v in r["budgets"].items() if v is not None)

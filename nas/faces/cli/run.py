@@ -30,6 +30,7 @@ from nas.faces.cli.common import (
 from nas.faces.cli.results import print_pareto
 from nas.search.config import SearchConfig, SearchEvents
 from nas.spec.errors import NasError
+from nas.spec.results import Measurement
 from nas.spec.settings import check_study_name, default_study_name
 
 
@@ -178,7 +179,7 @@ def measure(
 
     Prints prefill and per-token decode latency (median and spread over repeats), peak memory of
     the inference process and model size, each labelled with where it came from
-    (measured:local, measured:<node>, estimated:roofline), next to the profile's budgets.
+    (measured:local, measured:<node>, estimated:model), next to the profile's budgets.
     """
     import tempfile
 
@@ -212,7 +213,9 @@ def measure(
     w = m.workload
     table = Table(title=f"{spec.arch_id} on {profile.name}",
                   caption=f"prompt {w['prompt_tokens']} tokens, decode at {w['context_tokens']} cached tokens, "
-                          f"batch {w['batch']}, {w['warmup']} warm-up + up to {w['repeats']} repeats")
+                          f"batch {w['batch']}, "
+                          + (f"{w['warmup']} warm-up + up to {w['repeats']} repeats" if "repeats" in w
+                             else "estimated (no repeats: the device's latency model)"))
     table.add_column("figure")
     table.add_column("value")
     table.add_column("budget")
@@ -221,10 +224,22 @@ def measure(
     console.print(table)
     prov = m.provenance.get("host", m.provenance)
     console.print(f"taken on: {prov.get('cpu')} · {prov.get('threads')} threads · {prov.get('execution_provider')}"
-                  f" · onnxruntime {prov.get('onnxruntime')}"
-                  + (f" · scaled ×{m.provenance['decode_factor']:.3g} (decode), ×{m.provenance['prefill_factor']:.3g}"
-                     f" (prefill) by the roofline" if m.label.startswith("estimated") else ""))
+                  f" · onnxruntime {prov.get('onnxruntime')}" + _estimate_note(m))
     console.print("[green]within every budget[/green]" if feasible else "[red]over budget: infeasible[/red]")
+
+
+def _estimate_note(m: Measurement) -> str:
+    """How an estimate's latency was made, in one clause (empty for a measurement)."""
+    p = m.provenance
+    if not m.label.startswith("estimated"):
+        return ""
+    if "kernel_us" not in p:  # an old row, from the roofline that scaled this host's timing
+        return " · latency scaled from this host by the roofline"
+    bw = p["bandwidth_gbs"].get("*")
+    how = (f"fitted to {p['n_points']} calibration points" if p.get("method") == "fitted"
+           else "datasheet figures (no calibration points)")
+    return (f" · latency from the device's model ({how}): {bw:.3g} GB/s effective, "
+            f"{p['kernel_us']:.3g} µs x {p['kernels_per_step']} kernels per step")
 
 
 def _parse_duration(text: str) -> float:

@@ -3,7 +3,7 @@
 :func:`pareto_figure` (BPB against decode latency), :func:`pareto3d_figure`,
 :func:`hypervolume_figure`, :func:`dimensions_figure` and :func:`compare_figure`. Every point's
 hover says where its latency came from (``measured:local``, ``measured:<node>``,
-``estimated:roofline``); the marker's shape says it too (circle measured, diamond estimated), and a
+``estimated:model``); the marker's shape says it too (circle measured, diamond estimated), and a
 cross marks a trial over a budget.
 """
 

@@ -54,7 +54,7 @@ footer { color: var(--muted); font-size: 12px; margin-top: 24px; }
 
 CAPTIONS = {
     "pareto": "Hover a point for its architecture and where each figure came from; drag to zoom, "
-    "double-click to reset. Circle: measured; diamond: estimated by the roofline; cross: over a budget.",
+    "double-click to reset. Circle: measured; diamond: estimated (the device's latency model); cross: over a budget.",
     "pareto3d": "Drag to turn. Red points are non-dominated in all three objectives.",
     "hypervolume": "Area dominated by the feasible front, as the search went on: higher is better.",
     "dimensions": "Each dimension that varied, against the objective; a clear slope or gap suggests it matters. "
