@@ -4,6 +4,7 @@ default, ``--space``, ``--seed``, ``--json``), number formats, and reading an ar
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Annotated
@@ -14,8 +15,20 @@ from rich.console import Console
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError, SpecError
 
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 160
+"""Columns when the output is not a terminal and COLUMNS does not say: rich's own 80 would fold
+the front's table into a column of fragments in a log file."""
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(stderr=stderr, width=LOG_WIDTH)
+    return c
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 SpaceOpt = Annotated[str, typer.Option("--space", "-s", help="Search space: a name from `nas spaces` or a YAML path.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling (and training).")]

@@ -77,8 +77,9 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
                           "with the others at the budget both reached)")
     if noise is not None and noise.std is not None:
         table.caption += (f"; BPB ± {noise.std:.4f}: the seed spread ({len(noise.seeds)} seeds of trial "
-                          f"{noise.trial_number}'s architecture at {noise.tokens:,} tokens); ≈: trials whose BPB "
-                          f"is within {noise.NOISE_GAP:g}× that of this one's (within noise: not ordered by BPB)")
+                          f"{noise.trial_number}'s architecture at {noise.tokens:,} tokens); ≈: the front trials whose "
+                          f"BPB differs from this one's by less than {noise.NOISE_GAP:g} × that spread (within "
+                          "noise: BPB does not order them)")
     if any(r["beats_bigram"] is False for r in rows):
         table.caption += "; [red]≥ bigram[/red]: BPB not below the bigram baseline of its own tokenizer"
     for col in ("#", "architecture", "params", "BPB", "≈", "bigram", "unigram", "decode ms/tok", "prefill ms",
