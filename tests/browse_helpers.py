@@ -68,6 +68,7 @@ def make_study(
     seed: int = 0,
     label: str = "measured:local",
     extras: bool = True,
+    rungs: int = 1,
 ) -> list[int]:
     """Write study ``name`` with ``n_complete`` complete trials (plus, with ``extras``, one of each
     other kind); returns the numbers of the complete trials."""
@@ -79,7 +80,7 @@ def make_study(
         objectives=[("val_bpb", "minimize"), ("decode_ms", "minimize")],
         train_config={"tokens": 20000},
         seed=seed,
-        extra={"sampler": "tpe"},
+        extra={"sampler": "tpe", **({"rungs": {"count": rungs, "eta": 3}} if rungs > 1 else {})},
     )
     number = 0
     complete = []

@@ -48,6 +48,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> str:
         make_study(store, "synthetic", n_complete=16)
         make_study(store, "other", n_complete=8, seed=3, extras=False)
         make_study(store, "live", n_complete=3, seed=5, extras=False)
+        make_study(store, "rungs", n_complete=3, seed=7, extras=False, rungs=3)
     return url
 
 
@@ -61,9 +62,9 @@ def client(db: str) -> Iterator[TestClient]:
 def test_index_lists_the_studies(client):
     r = client.get("/")
     assert r.status_code == 200
-    for name in ("synthetic", "other", "live"):
+    for name in ("synthetic", "other", "live", "rungs"):
         assert f'href="/study/{name}"' in r.text
-    assert [s["name"] for s in client.get("/api/studies").json()] == ["synthetic", "other", "live"]
+    assert [s["name"] for s in client.get("/api/studies").json()] == ["synthetic", "other", "live", "rungs"]
 
 
 def test_study_page_has_the_table_and_loads_plotly_from_this_server(client, db):
@@ -88,6 +89,12 @@ def test_trial_table_shows_each_trials_bigram_baseline_and_flags_the_ones_not_be
     assert flagged
     for row in re.findall(r'(<tr class="clickable[^"]*" data-number="(\d+)".*?</tr>)', r.text, flags=re.S):
         assert ("≥ bigram" in row[0]) == (int(row[1]) in flagged)
+
+
+def test_trial_table_says_after_how_many_tokens_a_bpb_was_taken_when_the_study_has_rungs(client):
+    with_rungs = client.get("/study/rungs").text
+    assert with_rungs.count('title="tokens trained when scored (rungs)">@20.5k') == 3  # each complete trial
+    assert "tokens trained when scored" not in client.get("/study/other").text  # one budget: nothing to say
 
 
 def test_trial_table_marks_front_trials_within_noise_of_each_other(client, db):

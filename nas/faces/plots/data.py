@@ -110,6 +110,11 @@ class StudyData:
     """The study's seed spread of BPB (``nas.search.noise``), None before it is measured."""
 
     @property
+    def has_rungs(self) -> bool:
+        """Whether the study's trials may have stopped at different budgets (rungs)."""
+        return int((self.study.extra.get("rungs") or {}).get("count", 1)) > 1
+
+    @property
     def bpb_std(self) -> float | None:
         return self.noise.std if self.noise is not None else None
 

@@ -50,7 +50,8 @@ def api_rows(name: str, reader: Reader, table: Screenful) -> dict[str, Any]:
     full = reader.load(name)
     rows, matching = view.rows(full)
     return {
-        "html": fragment("rows.html", rows=rows, study=name, close=full.within_noise()),
+        "html": fragment("rows.html", rows=rows, study=name, close=full.within_noise(),
+                         rungs=full.has_rungs),
         "facts": fragment("facts.html", facts=plots.study_facts(full)),
         "shown": len(rows),
         "matching": matching,

@@ -54,6 +54,7 @@ def study_page(
         state=dataclasses.asdict(view),
         rows=rows,
         close=full.within_noise(),
+        rungs=full.has_rungs,
         matching=matching,
         labels=labels,
         facts=plots.study_facts(full),
