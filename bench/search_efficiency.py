@@ -4,7 +4,10 @@ against random search, same space, profile, corpus, training budget and wall-clo
     .venv/bin/python bench/search_efficiency.py [--space tiny] [--device host] [--seeds 0 1 2] [--budget-s 220]
         [--set decode_ms_per_token=0.2 --set model_mb=0.5] [--quick] [--out bench/results/search_efficiency.json]
 
-Each (sampler, seed) is a ``nas.search.study.Search`` on its own SQLite database. The runs are interleaved
+Each (arm, seed) is a ``nas.search.study.Search`` on its own SQLite database; an arm is a sampler,
+optionally with rungs (``tpe+rungs3``: successive halving on the training budget, every trial scored
+at 1/9 and 1/3 of it on the way, only the best going on; its points are each trial's BPB at the rung
+where it stopped, so a trial stopped early counts with its less-trained BPB). The runs are interleaved
 in one process: the run that has used the least of its budget runs its next trial (``Search.run_one``,
 the same unit ``nas search`` repeats), so the machine's load falls alike on every run. A run's clock
 is the sum of its own trials' wall-clock seconds; like ``nas search --time``, a trial started
@@ -43,6 +46,14 @@ OBJ = ("decode_ms", "val_bpb")
 DEFAULT_SET = ["decode_ms_per_token=0.25", "model_mb=0.5"]
 
 
+def parse_arm(arm: str) -> tuple[str, int]:
+    """``tpe`` -> (tpe, 1 rung); ``tpe+rungs3`` -> (tpe, 3 rungs)."""
+    sampler, _, rest = arm.partition("+")
+    if rest and not (rest.startswith("rungs") and rest[5:].isdigit() and int(rest[5:]) >= 1):
+        raise SystemExit(f"--samplers {arm!r}: give SAMPLER or SAMPLER+rungsN")
+    return sampler, int(rest[5:]) if rest else 1
+
+
 def tightened_profile(device: str, overrides: list[str], folder: Path) -> str:
     """A copy of the profile with some budgets overridden; the profile's own name when none are."""
     if not overrides:
@@ -76,7 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", default="tiny")
     ap.add_argument("--device", default="host")
-    ap.add_argument("--samplers", nargs="+", default=["tpe", "random"])
+    ap.add_argument("--samplers", nargs="+", default=["tpe", "random"],
+                    help="the arms: a sampler (tpe, nsga2, gp, random), optionally with rungs of successive "
+                         "halving on the training budget as SAMPLER+rungsN (eta 3), e.g. tpe+rungs3")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget-s", type=float, default=220.0, help="wall-clock budget of each run, seconds")
     ap.add_argument("--tokens", type=int, default=None, help="training budget per trial (default: the space's)")
@@ -102,12 +115,13 @@ def main() -> None:
     device = tightened_profile(args.device, overrides, work)
     runs = []
     for seed in args.seeds:
-        for sampler in args.samplers:
-            name = f"{sampler}-s{seed}"
+        for arm in args.samplers:
+            sampler, rungs = parse_arm(arm)
+            name = f"{arm.replace('+', '-')}-s{seed}"
             cfg = SearchConfig(study=name, space=args.space, device=device, db_url=f"sqlite:///{work / name}.db",
                                sampler=sampler, seed=seed, train=train, max_bytes=args.max_bytes,
-                               artifacts=work / "artifacts")
-            runs.append({"name": name, "sampler": sampler, "seed": seed, "search": Search(cfg), "used_s": 0.0,
+                               artifacts=work / "artifacts", rungs=rungs, eta=3)
+            runs.append({"name": name, "sampler": arm, "seed": seed, "search": Search(cfg), "used_s": 0.0,
                          "trials": [], "draws": 0})
     warm_caches(space, args.max_bytes)
     print(f"{len(runs)} runs of {args.budget_s:.0f} s each on {args.space} / {args.device} "

@@ -33,18 +33,24 @@ def search_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """One quick search-efficiency run, whose databases the trial-cost test analyses too (a real
     search costs most of these tests' time: one is enough)."""
     tmp = tmp_path_factory.mktemp("search")
-    return run_bench("search_efficiency", tmp, "--work", str(tmp / "work")), tmp / "work"
+    return run_bench("search_efficiency", tmp, "--work", str(tmp / "work"), "--samplers", "tpe", "random",
+                     "tpe+rungs3"), tmp / "work"
 
 
 def test_search_efficiency_compares_samplers_by_hypervolume(search_run: tuple[dict, Path]) -> None:
     doc, _ = search_run
-    assert set(doc["by_sampler"]) == {"tpe", "random"}
+    assert set(doc["by_sampler"]) == {"tpe", "random", "tpe+rungs3"}
     assert len(doc["setup"]["reference_point"]) == 2 and all(math.isfinite(v) for v in doc["setup"]["reference_point"])
     runs = {r["name"]: r for r in doc["runs"]}
-    assert set(runs) == {"tpe-s0", "random-s0"}
+    assert set(runs) == {"tpe-s0", "random-s0", "tpe-rungs3-s0"}
     for r in runs.values():
         assert r["trials"] and all(t["seconds"] > 0 for t in r["trials"])
         assert r["hv_curve"][-1][1] == r["final_hv"] >= 0
+    from nas.store import Store
+
+    with Store(f"sqlite:///{search_run[1] / 'tpe-rungs3-s0.db'}") as store:  # the rungs arm ran with rungs
+        first = store.trials(study="tpe-rungs3-s0")[0]
+        assert [g.rung for g in store.trial_rungs(study="tpe-rungs3-s0", number=first.number)] == [0, 1, 2]
     # --quick sets no tight budget: every tiny draw is feasible, so the fronts have area.
     assert max(r["final_hv"] for r in runs.values()) > 0
     complete = doc["trial_cost_s"]["complete (trained and scored)"]
