@@ -41,7 +41,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nas.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchEvents, noise_seeds
 from nas.search.rungs import RungPlan
-from nas.search.trial import INTERNAL, RayMeasure, Resources, TrialEnv, TrialFailed, TrialRecord, run_trial
+from nas.search.trial import (
+    INTERNAL,
+    RayMeasure,
+    Resources,
+    TrialEnv,
+    TrialFailed,
+    TrialRecord,
+    bug_reason,
+    run_trial,
+)
 from nas.spec.errors import NasError
 from nas.spec.profile import HardwareProfile, load_profile
 from nas.spec.settings import check_study_name
@@ -447,8 +456,10 @@ class Search:
         try:
             noise = measure_noise(self.store, self.cfg.study, self.train, self.rungs, extra, self.resources,
                                   self.events, self.stop, torch_device=self.cfg.torch_device)
-        except NasError as e:
-            self.events.message(f"seed noise not measured: {e}")
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a bug here must not stop the search: the trials do not depend on it
+            self.events.message(f"seed noise not measured: {e if isinstance(e, NasError) else bug_reason(e)}")
             noise = None
             self._noise_done = True
         if noise is not None and len(noise.seeds) >= extra + 1:

@@ -218,7 +218,7 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
             raise
         except Exception as e:
             _drop_checkpoint(_checkpoint_path(cfg, record.arch_id))  # nothing to resume from a failure
-            reason = str(e) if isinstance(e, NasError) else _bug_reason(e)
+            reason = str(e) if isinstance(e, NasError) else bug_reason(e)
             env.store.fail_trial(study=cfg.study, number=n, stage=record.stage, reason=reason)
             trial.set_user_attr("failure", f"{record.stage}: {reason}")
             record.state, record.reason = "failed", reason
@@ -563,7 +563,7 @@ INTERNAL = "internal error"
 """How the reason of a failure that is a bug (not the architecture's, not the user's) begins."""
 
 
-def _bug_reason(e: Exception) -> str:
+def bug_reason(e: Exception) -> str:
     frames = traceback.extract_tb(e.__traceback__)[-2:]
     where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
     return f"{INTERNAL} {type(e).__name__}: {e} ({where})"
