@@ -149,6 +149,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             "python": platform.python_version(),
             "opset": manifest.get("opset"),
             "graph": graph,
+            "made_by": manifest.get("made_by"),
+            "graph_note": manifest.get("graph_note", ""),  # why a plain graph, where one was used
             "arena": False,
         },
     }
