@@ -81,3 +81,15 @@ def test_store_scale_times_the_front_through_store_cli_and_web(tmp_path: Path) -
     ops = doc["summary"]["sqlite"]
     assert {"Store.refresh_pareto", "Store.pareto", "nas pareto (CLI subprocess)"} <= ops.keys()
     assert all(v["median"] > 0 and v["min"] <= v["median"] <= v["max"] for v in ops.values())
+
+
+def test_deploy_graph_measures_plain_and_deployment_graphs_per_bitwidth(tmp_path: Path) -> None:
+    doc = run_bench("deploy_graph", tmp_path)
+    rows = {(r["bitwidth"], r["graph"]): r for r in doc["rows"]}
+    assert set(rows) == {(b, g) for b in (32, 16, 8, 4) for g in ("plain", "deploy")}
+    for r in rows.values():
+        assert r["decode_ms"] > 0 and r["roofline_ms"] > 0 and r["file_mb"] > 0
+        assert isinstance(r["nodes"]["file"], int)
+    # What a machine's speed cannot change: the fused graph has fewer nodes than the plain one.
+    assert all(rows[b, "deploy"]["nodes"]["file"] < rows[b, "plain"]["nodes"]["file"] for b in (32, 16, 8, 4))
+    assert set(doc["summary"]["deploy_over_roofline"]) == {"fp32", "fp16", "int8", "int4"}
