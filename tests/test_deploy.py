@@ -25,7 +25,7 @@ FFNS = [("gated", "silu"), ("plain", "gelu"), ("gated", "relu"), ("plain", "silu
 
 def tiny(attention: str = "gqa", sharing: str = "none", **kw):
     """A model small enough to build and run in a fraction of a second; head_dim 16 is the
-    smallest GroupQueryAttention takes on the CPU, d_model 64 two quantization blocks."""
+    smallest GroupQueryAttention takes on the CPU unpadded, d_model 64 two quantization blocks."""
     base = dict(n_layers=2, d_model=64, n_heads=4, head_dim=16, vocab_size=300, context_length=32)
     base.update(ATTENTIONS[attention])
     base.update(kw)
@@ -110,13 +110,40 @@ def test_what_it_cannot_express_is_refused_with_the_reason(tmp_path):
     assert unsupported_reason(tiny()) is None
     mla = make("mla", n_layers=2, d_model=64, head_dim=16)
     assert "latent" in unsupported_reason(mla)
-    assert "multiple of 16" in unsupported_reason(tiny(head_dim=8, d_model=32))
+    assert unsupported_reason(tiny(head_dim=8, d_model=32)) is None  # padded, not refused (below)
     assert "d_model 48" in unsupported_reason(tiny(d_model=48), bitwidth=4)
     assert unsupported_reason(tiny(d_model=48), bitwidth=32) is None
     with pytest.raises(ExportError, match=r"no deployment graph .* latent"):
         build_deploy(build_model(mla), tmp_path)
     with pytest.raises(ExportError, match="bitwidth must be one of"):
         build_deploy(build_model(tiny()), tmp_path, 2)
+
+
+@pytest.mark.parametrize("attention,head_dim,d_model", [("mha", 24, 96), ("gqa", 12, 64), ("mqa", 8, 32)])
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+def test_a_head_dim_off_multiples_of_16_is_padded_and_still_matches_torch(attention, head_dim, d_model, bits,
+                                                                          tmp_path):
+    # GroupQueryAttention on the CPU takes head_dim in multiples of 16 only: the graph pads each head
+    # with zeros (Q/K by halves, to keep rotate-half's pairs), which changes no dot product.
+    spec = tiny(attention, head_dim=head_dim, d_model=d_model, norm="layernorm", ffn="plain", activation="gelu")
+    model = build_model(spec, seed=4).eval()
+    exported = build_deploy(model, tmp_path, bits)
+    hdp = -(-head_dim // 16) * 16
+    assert exported.graph_note.startswith(f"head_dim {head_dim} padded to {hdp}")
+    ids = np.random.default_rng(2).integers(0, spec.vocab_size, (2, 10))
+    want, want_cache = _torch_steps(model, ids, prompt=7)
+    got, got_cache = _ort_steps(exported, ids, prompt=7)
+    err = logit_errors(np.concatenate(want, axis=1), np.concatenate(got, axis=1))
+    assert err["rel"] <= BOUNDS[bits]["rel"] and err["kl"] <= BOUNDS[bits]["kl"], err
+    (k_name, v_name), (k_want, v_want) = [c.name for c in exported.cache_spec[:2]], want_cache[0]
+    k, v = got_cache[k_name], got_cache[v_name]
+    assert k.shape == (2, spec.n_kv_heads, 10, hdp) == exported.cache_spec[0].concrete_shape(2, 10)
+    if bits == 32:  # the real dimensions hold the torch model's K and V; the padding stays zero
+        half = head_dim // 2
+        np.testing.assert_allclose(np.concatenate((k[..., :half], k[..., hdp // 2 : hdp // 2 + half]), -1),
+                                   k_want.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(v[..., :head_dim], v_want.numpy(), atol=1e-4, rtol=1e-4)
+        assert not v[..., head_dim:].any() and not k[..., half : hdp // 2].any()
 
 
 def test_blockwise_quantization_round_trips_within_half_a_step():

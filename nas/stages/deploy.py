@@ -30,15 +30,18 @@ Interface (``feeds.step_inputs`` says how to feed it): ``input_ids``, ``seqlens_
 layout (B, kv_heads, past, head_dim), which is also the torch model's layout. The rotary tables
 hold ``context_length`` positions (``max_positions``).
 
-What it cannot express (``unsupported_reason``), where ``nas.stages.export.export_spec`` falls
-back to the plain graph and records why: MLA (GroupQueryAttention caches per-head K and V, MLA a
-latent; no fused op takes that cache), a head_dim that is not a multiple of 16 (GroupQueryAttention
-on the CPU refuses it), and at 8/4 bits a d_model that is not a multiple of the quantization
-block (the embedding's blocks run along d_model).
+A head_dim that is not a multiple of 16, which GroupQueryAttention refuses on the CPU, is padded
+with zeros to the next multiple (``padded_head_dim``): a cost a deployment on this runtime pays
+too, so it is measured, and the manifest's ``graph_note`` says so; the cache then has the padded
+width. What it cannot express (``unsupported_reason``), where ``nas.stages.export.export_spec``
+falls back to the plain graph and records why: MLA (GroupQueryAttention caches per-head K and V,
+MLA a latent; no fused op takes that cache), and at 8/4 bits a d_model that is not a multiple of
+the quantization block (the embedding's blocks run along d_model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -50,6 +53,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nas.spec.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
 from nas.stages.export import (
     MODEL_FILE,
+    CacheInput,
     ExportedModel,
     ExportError,
     _cache_spec,
@@ -66,6 +70,21 @@ DEPLOY_OPSET = 21
 _MS = "com.microsoft"
 GQA_HEAD_MULTIPLE = 16
 """GroupQueryAttention on the CPU provider (ONNX Runtime 1.32) needs head_size % 16 == 0."""
+
+
+def padded_head_dim(spec: ArchSpec) -> int:
+    """The head width the deployment graph runs: head_dim rounded up to GroupQueryAttention's
+    multiple of 16 (the padding is zeros, which change no dot product; see _pad_heads)."""
+    return -(-spec.head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+
+
+def padding_note(spec: ArchSpec) -> str:
+    """What the padding costs, for the manifest; empty when head_dim needs none."""
+    hd, hdp = spec.head_dim, padded_head_dim(spec)
+    if hdp == hd:
+        return ""
+    return (f"head_dim {hd} padded to {hdp} for GroupQueryAttention: the K/V cache and the Q/K/V/output "
+            f"weights are {hdp / hd:.2f}x the spec's")
 MATMUL_NBITS_ACCURACY = 4
 """int8 compute for MatMulNBits' activations: the fastest decode here (docs/dependencies.md)."""
 RMS_EPS, LN_EPS = 1e-6, 1e-5  # the torch model's (nas.stages.model._norm)
@@ -77,9 +96,6 @@ def unsupported_reason(spec: ArchSpec, bitwidth: int | None = None) -> str | Non
     if spec.attention == "mla":
         return ("mla: its cache is a latent, and GroupQueryAttention (the fused attention op) "
                 "caches per-head K and V")
-    if spec.head_dim % GQA_HEAD_MULTIPLE:
-        return (f"head_dim {spec.head_dim} is not a multiple of {GQA_HEAD_MULTIPLE}, which "
-                "GroupQueryAttention needs on the CPU provider")
     if bits in (8, 4) and spec.d_model % INT4_BLOCK_SIZE:
         return (f"d_model {spec.d_model} is not a multiple of the {INT4_BLOCK_SIZE}-wide quantization "
                 "block of the embedding table")
@@ -177,10 +193,28 @@ def _rotary_tables(spec: ArchSpec, dtype: type) -> tuple[np.ndarray, np.ndarray]
     """cos and sin (max_positions, head_dim / 2) as ``nas.stages.model.Rotary`` computes them
     (float32 angles, then the compute dtype); GroupQueryAttention's non-interleaved rotary is
     the model's rotate-half convention, so half the table is all it needs."""
-    hd = spec.head_dim
+    hd, hdp = spec.head_dim, padded_head_dim(spec)
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     freqs = torch.arange(spec.context_length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    # Padded pairs get angle 0 (cos 1, sin 0): they rotate zeros, which stay zeros.
+    freqs = torch.nn.functional.pad(freqs, (0, (hdp - hd) // 2))  # (positions, hdp / 2)
     return freqs.cos().numpy().astype(dtype), freqs.sin().numpy().astype(dtype)
+
+
+def _pad_heads(w: Tensor, heads: int, hd: int, hdp: int, rotary: bool) -> Tensor:
+    """Rows of ``w`` (heads * hd, K), one block of hd per head, spread to blocks of hdp with zero
+    rows. Rotary pairs dimension i with i + width / 2 (rotate-half), so a rotated head keeps its
+    halves at [0, hd/2) and [hdp/2, hdp/2 + hd/2); V (and the output's columns) keep [0, hd)."""
+    if hdp == hd:
+        return w
+    blocks = w.reshape(heads, hd, -1)  # (heads, hd, K)
+    out = w.new_zeros(heads, hdp, blocks.shape[-1])
+    if rotary:
+        out[:, : hd // 2] = blocks[:, : hd // 2]
+        out[:, hdp // 2 : hdp // 2 + hd // 2] = blocks[:, hd // 2 :]
+    else:
+        out[:, :hd] = blocks
+    return out.reshape(heads * hdp, -1)
 
 
 def _act(g: _Graph, x: str, activation: str, prefix: str) -> str:
@@ -230,6 +264,7 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
     g = _Graph(bits)
     norms = _Norms(g, spec)
     h, kv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    hdp = padded_head_dim(spec)  # the width GroupQueryAttention runs (hd unless padded)
 
     # --- embedding: x (B, T, d) ---
     table = model.tok_emb.weight  # (V, d)
@@ -270,14 +305,18 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
         else:
             hn, residual = norms.skip(pending, residual, block.attn_norm, f"{b}.attn_norm", f"{p}/attn_norm")
         attn = block.attn
-        wqkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight), dim=0)  # ((h + 2 kv) hd, d)
+        wqkv = torch.cat((_pad_heads(attn.wq.weight, h, hd, hdp, rotary=True),
+                          _pad_heads(attn.wk.weight, kv, hd, hdp, rotary=True),
+                          _pad_heads(attn.wv.weight, kv, hd, hdp, rotary=False)), dim=0)  # ((h + 2 kv) hdp, d)
         qkv = g.linear(hn, f"{b}.attn.wqkv", wqkv, f"{p}/qkv", f"{p}/qkv")
         g.node("GroupQueryAttention",
                [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length",
                 "rotary.cos", "rotary.sin"],
                [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"], f"{p}/gqa", _MS,
+               # the scale of the real width: the padding adds zeros to every dot product
                num_heads=h, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(hd))
-        o = g.linear(f"{p}/attn", f"{b}.attn.wo", attn.wo.weight, f"{p}/attn_out", f"{p}/attn_out")
+        wo = _pad_heads(attn.wo.weight.t(), h, hd, hdp, rotary=False).t()  # (d, h hdp): zero columns
+        o = g.linear(f"{p}/attn", f"{b}.attn.wo", wo, f"{p}/attn_out", f"{p}/attn_out")
         hn, residual = norms.skip(o, residual, block.ffn_norm, f"{b}.ffn_norm", f"{p}/ffn_norm")
         ffn = block.ffn
         up = g.linear(hn, f"{b}.ffn.w_up", ffn.w_up.weight, f"{p}/up", f"{p}/up")
@@ -291,14 +330,14 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
     g.linear(hn, "lm_head", model.lm_head.weight, "logits", "lm_head")
 
     dt = g.onnx_dtype
-    cache = _cache_spec(spec, "float16" if bits == 16 else "float32")
+    cache = _deploy_cache_spec(spec, bits)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     outputs = [helper.make_tensor_value_info("logits", dt, ["batch", "seq", spec.vocab_size])]
     for c in cache:
         inputs.append(helper.make_tensor_value_info(c.name, dt, list(c.shape)))
-        present = ["batch", kv, "total", hd]
+        present = ["batch", kv, "total", hdp]
         outputs.append(helper.make_tensor_value_info(c.output, dt, present))
     graph = helper.make_graph(g.nodes, "deploy", inputs, outputs, list(g.inits.values()))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEPLOY_OPSET),
@@ -306,6 +345,13 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
                               producer_name="nas.stages.deploy")
     proto.ir_version = 10  # what ONNX Runtime 1.32 reads; onnx 1.23 would write 11
     return proto, ("shared" if tied else "untied")
+
+
+def _deploy_cache_spec(spec: ArchSpec, bits: int) -> tuple[CacheInput, ...]:
+    """The plain graph's cache inputs (same names, BNSH layout) at the padded head width."""
+    hdp = padded_head_dim(spec)
+    return tuple(dataclasses.replace(c, shape=(*c.shape[:-1], hdp))
+                 for c in _cache_spec(spec, "float16" if bits == 16 else "float32"))
 
 
 def build_deploy(model: Decoder, out_dir: Path, bitwidth: int | None = None) -> ExportedModel:
@@ -329,14 +375,14 @@ def build_deploy(model: Decoder, out_dir: Path, bitwidth: int | None = None) -> 
     _remove_model_files(path)
     _save(proto, path)
     quantized = ("MatMul", "Gather") if bits != 32 else ()
-    cache = _cache_spec(spec, "float16" if bits == 16 else "float32")
+    cache = _deploy_cache_spec(spec, bits)
     exported = _describe(
         path, spec=spec, bitwidth=bits, opset=DEPLOY_OPSET,
         input_names=("input_ids", "seqlens_k", "total_sequence_length", *(c.name for c in cache)),
         output_names=("logits", *(c.output for c in cache)), cache_spec=cache,
         logits_dtype="float16" if bits == 16 else "float32", quantized_ops=quantized,
         embedding_quantized=bits != 32, lm_head_quantized=bits != 32, made_by="built", graph="gqa",
-        max_positions=spec.context_length, tied_storage=tied_storage,
+        max_positions=spec.context_length, tied_storage=tied_storage, graph_note=padding_note(spec),
     )
     _check_io(exported)
     return exported

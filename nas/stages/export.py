@@ -143,7 +143,8 @@ class ExportedModel:
     """Longest sequence (cache plus new tokens) the graph can take; 0: any (the plain graph
     computes its rotary angles on the fly, the deployment graph reads them from a table)."""
     graph_note: str = ""
-    """Why this is the plain graph where the deployment graph was asked for; empty otherwise."""
+    """Why this is the plain graph where the deployment graph was asked for, or what the
+    deployment graph changed from the spec to run (a padded head width); empty otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; file paths relative to the model's folder, so the folder can move."""
