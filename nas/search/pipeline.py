@@ -60,7 +60,8 @@ class Host:
             pairs = []
             for point in target.calibration:
                 with tempfile.TemporaryDirectory() as tmp:
-                    exported = export_spec(point.arch, Path(tmp))
+                    # the graph a trial measures, so the correction applies to what it corrects
+                    exported = export_spec(point.arch, Path(tmp), graph="deploy")
                     here = measure_local(exported.path.parent, point.arch, target, runtime=self.profile)
                 pairs.append((estimate(here, point.arch, target, self.cal), point.decode_ms, point.prefill_ms))
             self._corrections[key] = fit_corrections(pairs)

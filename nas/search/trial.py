@@ -449,9 +449,10 @@ def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: 
                   template: Path | None = None, threads: int = 2,
                   progress: Callable[[str], None] | None = None) -> tuple[BpbResult, str]:
     """The score stage: save the trained weights with their spec (``out_dir/model.pt``), export the
-    deployed graph at the spec's bitwidth (``out_dir/onnx``: ``template``'s graph with these
-    weights written in, else a new trace) and its BPB in ONNX Runtime. Returns the BPB and how the
-    file was made. `nas trial` scores with this too, so its BPB is the search's."""
+    deployed graph at the spec's bitwidth (``out_dir/onnx``: the deployment graph built from these
+    weights; for a spec it cannot express, ``template``'s plain graph with these weights written
+    in, else a new trace) and its BPB in ONNX Runtime. Returns the BPB and how the file was made.
+    `nas trial` scores with this too, so its BPB is the search's."""
     import torch
 
     from nas.stages.export import export_spec, load_exported
