@@ -114,3 +114,15 @@ def test_estimator_accuracy_scores_each_device_model_leave_one_out_against_the_b
         assert -1 <= decode["model_loo_kendall_tau"] <= 1
         assert {r["phase"] for r in d["rows"]} <= {"decode", "prefill"}
     assert -1 <= doc["ranking_agreement"]["kendall_tau"]["jetson vs rpi5"] < 1
+
+
+def test_deploy_graph_measures_plain_and_deployment_graphs_per_bitwidth(tmp_path: Path) -> None:
+    doc = run_bench("deploy_graph", tmp_path)
+    rows = {(r["bitwidth"], r["graph"]): r for r in doc["rows"]}
+    assert set(rows) == {(b, g) for b in (32, 16, 8, 4) for g in ("plain", "deploy")}
+    for r in rows.values():
+        assert r["decode_ms"] > 0 and r["roofline_ms"] > 0 and r["file_mb"] > 0
+        assert isinstance(r["nodes"]["file"], int)
+    # What a machine's speed cannot change: the fused graph has fewer nodes than the plain one.
+    assert all(rows[b, "deploy"]["nodes"]["file"] < rows[b, "plain"]["nodes"]["file"] for b in (32, 16, 8, 4))
+    assert set(doc["summary"]["deploy_over_roofline"]) == {"fp32", "fp16", "int8", "int4"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from nas.stages.deploy import unsupported_reason
 from nas.store import Store
 from tests.conftest import fresh_pg_database
 
@@ -76,9 +77,15 @@ def test_search_fills_the_store_and_the_optuna_study(env, tmp_path):
             assert m.label == "measured:local" and m.profile == "host"
             artifacts = Path(t.artifact_dir)
             assert (artifacts / "model.pt").exists() and (artifacts / "onnx" / "model.onnx").exists()
-            # each architecture is drawn once here, so its score stage reuses its measured graph
-            assert t.train["score_graph"] == "reweighted"
-            assert json.loads((artifacts / "onnx" / "model.json").read_text())["made_by"] == "reweighted"
+            # The deployment graph where the spec allows it, built again from the trained weights;
+            # else the plain graph, and as each architecture is drawn once here, its score stage
+            # reuses its measured graph. The measurement says which graph it timed.
+            scored = json.loads((artifacts / "onnx" / "model.json").read_text())
+            deployable = unsupported_reason(store.get_architecture(arch_id=t.arch_id).spec) is None
+            assert scored["graph"] == ("gqa" if deployable else "plain")
+            assert t.train["score_graph"] == scored["made_by"] == ("built" if deployable else "reweighted")
+            assert m.provenance["graph"] == scored["graph"] and m.workload["graph"] == scored["graph"]
+            assert m.provenance["graph_note"].startswith("plain graph") == (not deployable)
         assert not list(scratch.glob("nas-measure-*")), "a trial's measured export was left behind"
         front = store.pareto(study="tiny-host")
         assert front and {t.number for t in front} <= {t.number for t in complete}

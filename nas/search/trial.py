@@ -4,13 +4,17 @@
                 that breaks a rule ends here as infeasible, at no cost);
 2. ``budget``   the analytic check against the profile's budgets (lower bounds on model size and
                 memory): over budget ends the trial as infeasible, before any export;
-3. ``measure``  export with fresh weights, quantize, measure or estimate on the profile (reused
-                from the store by arch, profile, bitwidth and workload); over a measured budget
-                ends the trial as infeasible, before any training; the export is kept for step 5;
+3. ``measure``  export with fresh weights at the spec's bitwidth, as the deployment graph
+                (``nas.stages.deploy``: fused ONNX Runtime ops) where the spec allows it, else the
+                plain traced graph, quantized (its ``graph_note`` says why); measure or estimate on
+                the profile (reused from the store by arch, profile, bitwidth and workload, the
+                graph kind included); over a measured budget ends the trial as infeasible, before
+                any training; the export is kept for step 5;
 4. ``train``    brief training with the study's budget;
-5. ``score``    the trained model's export (step 3's graph with the trained weights written in,
-                ``nas.stages.export.reweight``; traced again when there is none), quantize, BPB of
-                the quantized model in ONNX Runtime;
+5. ``score``    the trained model's export: the deployment graph built again from the trained
+                weights, or for a plain-graph spec step 3's graph with them written in
+                (``nas.stages.export.reweight``; traced again when there is none) and quantized;
+                BPB of that file in ONNX Runtime;
 6. ``report``   objectives and constraints to Optuna, the trial to the store, the front refreshed.
 
 A failure at any stage marks the trial failed with the stage and the reason; the search goes on.
@@ -252,8 +256,13 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     from nas.stages.measure import MeasurementError
 
     cfg, profile, w = env.cfg, env.profile, env.profile.workload
+    from nas.stages.deploy import unsupported_reason
+
+    # The graph this trial measures: the deployment graph where the spec allows it (a figure of
+    # the plain graph, stored before it or for another reason, is not reused for it).
+    graph = "gqa" if unsupported_reason(spec) is None else "plain"
     workload = {"prompt_tokens": w.prefill_tokens(spec), "context_tokens": w.decode_past_tokens(spec),
-                "batch": w.batch}
+                "batch": w.batch, "graph": graph}
     # With the device in the cluster, an estimate cached from a run without it is not reused.
     labels = ["measured:*"] if cfg.require_measured or env.ray_measure is not None else None
     row = env.store.find_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,
@@ -264,7 +273,9 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     # beside the target's latency model.
     host = env.resources.calibrated_host() if profile.measurement.where != "local" else None
     with deadline(stage_deadline_s("export", spec, cfg.stage_deadline_factor), "export and quantize"):
-        exported = export_spec(spec, scratch, model=fresh_distinct_model(spec), progress=_step(env, "measure"))
+        # The deployment graph where the spec allows it, else the plain one (graph_note says why).
+        exported = export_spec(spec, scratch, model=fresh_distinct_model(spec), progress=_step(env, "measure"),
+                               graph="deploy")
     env.events.stage_step("measure", "measuring" if profile.measurement.where == "local" else "measuring the host")
     try:
         m = measure_deployed(spec, exported.path.parent, profile, host=host, require_measured=cfg.require_measured,
@@ -462,9 +473,10 @@ def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: 
                   template: Path | None = None, threads: int = 2,
                   progress: Callable[[str], None] | None = None) -> tuple[BpbResult, str]:
     """The score stage: save the trained weights with their spec (``out_dir/model.pt``), export the
-    deployed graph at the spec's bitwidth (``out_dir/onnx``: ``template``'s graph with these
-    weights written in, else a new trace) and its BPB in ONNX Runtime. Returns the BPB and how the
-    file was made. `nas trial` scores with this too, so its BPB is the search's."""
+    deployed graph at the spec's bitwidth (``out_dir/onnx``: the deployment graph built from these
+    weights; for a spec it cannot express, ``template``'s plain graph with these weights written
+    in, else a new trace) and its BPB in ONNX Runtime. Returns the BPB and how the file was made.
+    `nas trial` scores with this too, so its BPB is the search's."""
     import torch
 
     from nas.stages.export import export_spec, load_exported
@@ -475,7 +487,7 @@ def score_trained(spec: ArchSpec, model: Decoder, tc: TokenizedCorpus, out_dir: 
     torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "train_config": train.model_dump()},
                out_dir / "model.pt")
     like = load_exported(template) if template is not None else None  # measured in this trial
-    exported = export_spec(spec, out_dir / "onnx", model=model, like=like, progress=progress)
+    exported = export_spec(spec, out_dir / "onnx", model=model, like=like, progress=progress, graph="deploy")
     if progress is not None:
         progress("BPB in ONNX Runtime")
     return score_bpb_onnx(exported, tc, train.eval_tokens, threads=threads), exported.made_by
@@ -495,8 +507,9 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
         train={"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
                "stopped_by": result.stopped_by, "val_tokens": bpb.tokens, "val_bytes": bpb.bytes,
-               # the scored file: the measured graph with the trained weights ("reweighted")
-               # or a new trace ("traced": measurement reused from the store, or refused)
+               # the scored file: the deployment graph built from the trained weights ("built"),
+               # or, for a spec it cannot express, the plain measured graph with the trained
+               # weights ("reweighted") or a new trace ("traced": measurement reused or refused)
                "score_graph": made_by,
                # the rung whose BPB this is (0-based; the last is the whole budget) and every rung's budget
                "rung": trained.rung, "rung_tokens": trained.rung_tokens,

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from nas.spec.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
 from nas.spec.errors import NasError
+from nas.stages.feeds import GraphKind, step_inputs
 from nas.stages.model import Decoder, build_model
 
 DEFAULT_OPSET = 20
@@ -70,7 +71,7 @@ MIN_OPSET, MAX_OPSET = 18, 22
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "model.json"  # the ExportedModel beside the files, for a measurer in another process
 
-TiedStorage = Literal["untied", "duplicated"]
+TiedStorage = Literal["untied", "duplicated", "shared"]
 
 
 class ExportError(NasError):
@@ -122,16 +123,28 @@ class ExportedModel:
     spec: ArchSpec
     tied_storage: TiedStorage
     """"duplicated": the spec ties its embeddings but the file holds the table and the lm_head
-    separately (see the module docstring); "untied": the spec does not tie them."""
+    separately (see the module docstring); "shared": the file holds the tied table once, read by
+    both (the deployment graph, nas.stages.deploy); "untied": the spec does not tie them."""
     quantized_ops: tuple[str, ...] = ()
     """Op types whose constant weights were quantized, e.g. ("MatMul", "Gather")."""
     embedding_quantized: bool = False
     """Whether the input embedding table (the Gather) is stored below fp32."""
     lm_head_quantized: bool = False
     dynamic_batch: bool = True
-    made_by: Literal["traced", "reweighted"] = "traced"
-    """How the fp32 graph was made: traced from the model (export_onnx), or an earlier trace of
-    the same spec with this model's weights written in (reweight)."""
+    made_by: Literal["traced", "reweighted", "built"] = "traced"
+    """How the graph was made: traced from the model (export_onnx), an earlier trace of the same
+    spec with this model's weights written in (reweight), or built node by node from the
+    model's weights (nas.stages.deploy)."""
+    graph: GraphKind = "plain"
+    """Which interface the graph has, hence how it is fed (nas.stages.feeds): "plain", the traced
+    export; "gqa", the deployment graph (GroupQueryAttention, which also needs seqlens_k and
+    total_sequence_length)."""
+    max_positions: int = 0
+    """Longest sequence (cache plus new tokens) the graph can take; 0: any (the plain graph
+    computes its rotary angles on the fly, the deployment graph reads them from a table)."""
+    graph_note: str = ""
+    """Why this is the plain graph where the deployment graph was asked for, or what the
+    deployment graph changed from the spec to run (a padded head width); empty otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; file paths relative to the model's folder, so the folder can move."""
@@ -360,14 +373,18 @@ def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def _describe(path: Path, *, spec: ArchSpec, bitwidth: int, opset: int, input_names: tuple[str, ...],
               output_names: tuple[str, ...], cache_spec: tuple[CacheInput, ...], logits_dtype: str,
               quantized_ops: tuple[str, ...], embedding_quantized: bool = False,
-              lm_head_quantized: bool = False, made_by: str = "traced") -> ExportedModel:
+              lm_head_quantized: bool = False, made_by: str = "traced", graph: str = "plain",
+              max_positions: int = 0, graph_note: str = "", tied_storage: str | None = None) -> ExportedModel:
     files = _model_files(path)
+    if tied_storage is None:
+        tied_storage = "duplicated" if spec.tied_embeddings else "untied"
     exported = ExportedModel(
         path=path, files=files, total_bytes=sum(f.stat().st_size for f in files),
         input_names=input_names, output_names=output_names, cache_spec=cache_spec,
         logits_dtype=logits_dtype, vocab_size=spec.vocab_size, bitwidth=bitwidth, opset=opset, spec=spec,
-        tied_storage="duplicated" if spec.tied_embeddings else "untied", quantized_ops=quantized_ops,
-        embedding_quantized=embedding_quantized, lm_head_quantized=lm_head_quantized, made_by=made_by,
+        tied_storage=tied_storage, quantized_ops=quantized_ops,  # type: ignore[arg-type]
+        embedding_quantized=embedding_quantized, lm_head_quantized=lm_head_quantized, made_by=made_by,  # type: ignore[arg-type]
+        graph=graph, max_positions=max_positions, graph_note=graph_note,  # type: ignore[arg-type]
     )
     (path.parent / MANIFEST_FILE).write_text(json.dumps(exported.to_dict(), indent=1))
     return exported
@@ -435,7 +452,8 @@ def quantize(exported: ExportedModel, bitwidth: int, out_dir: Path) -> ExportedM
 def _redescribe(exported: ExportedModel, path: Path, **changes: Any) -> ExportedModel:
     fields = {k: getattr(exported, k) for k in (
         "spec", "bitwidth", "opset", "input_names", "output_names", "cache_spec", "logits_dtype",
-        "quantized_ops", "embedding_quantized", "lm_head_quantized", "made_by")}
+        "quantized_ops", "embedding_quantized", "lm_head_quantized", "made_by", "graph", "max_positions",
+        "graph_note", "tied_storage")}
     fields.update(changes)
     return _describe(path, **fields)
 
@@ -614,24 +632,39 @@ def _check_logits(exported: ExportedModel, m: Decoder, atol: float) -> None:
 
 
 def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, seed: int = 0,
-                like: ExportedModel | None = None, progress: Callable[[str], None] | None = None) -> ExportedModel:
+                like: ExportedModel | None = None, progress: Callable[[str], None] | None = None,
+                graph: Literal["plain", "deploy"] = "plain") -> ExportedModel:
     """Export ``model`` (or a fresh one built from ``spec`` and ``seed``) and quantize it to
     ``spec.bitwidth``: the deployed model in ``out_dir``, its fp32 source in ``out_dir/fp32``.
 
-    ``like``: an earlier ``export_spec`` of the same spec (its files still on disk) whose graph
-    takes ``model``'s weights (``reweight``) instead of a new trace; if it cannot, the model is
-    traced as without it. ``progress`` hears which step is running (they take seconds each)."""
+    ``graph="deploy"``: the deployment graph (``nas.stages.deploy``: fused contrib ops, built from
+    the weights, no fp32 folder) where the spec allows it; where it does not, the plain graph as
+    below, its ``graph_note`` saying why. ``like``: an earlier ``export_spec`` of the same spec (its
+    files still on disk) whose plain graph takes ``model``'s weights (``reweight``) instead of a
+    new trace; if it cannot, the model is traced as without it. The deployment graph needs no
+    ``like``: building it is cheap. ``progress`` hears which step is running (seconds each)."""
     say = progress or (lambda step: None)
     if spec.bitwidth not in BITWIDTHS:
         raise ExportError(f"bitwidth must be one of {list(BITWIDTHS)}, got {spec.bitwidth!r}")
+    if graph not in ("plain", "deploy"):
+        raise ExportError(f"graph must be 'plain' or 'deploy', got {graph!r}")
     if model is None:
         model = build_model(spec, seed)
     elif model.spec != spec:
         raise ExportError(f"the model was built for {model.spec.summary()}, not for {spec.summary()}")
     out_dir = Path(out_dir)
+    note = ""
+    if graph == "deploy":
+        from nas.stages.deploy import build_deploy, unsupported_reason  # it imports this module
+
+        reason = unsupported_reason(spec)
+        if reason is None:
+            say("building the deployment graph")
+            return build_deploy(model, out_dir)
+        note = f"plain graph: {reason}"
     fp32_dir = out_dir if spec.bitwidth == 32 else out_dir / "fp32"
     fp32 = None
-    if like is not None:
+    if like is not None and like.graph == "plain":
         say("writing the weights into the measured graph")
         try:
             fp32 = reweight(fp32_source(like), model, fp32_dir)
@@ -641,9 +674,11 @@ def export_spec(spec: ArchSpec, out_dir: Path, *, model: Decoder | None = None, 
         say("tracing the model to ONNX")
         fp32 = export_onnx(model, fp32_dir)
     if spec.bitwidth == 32:
-        return fp32
-    say(f"quantizing to {spec.bitwidth} bits")
-    return quantize(fp32, spec.bitwidth, out_dir)
+        deployed = fp32
+    else:
+        say(f"quantizing to {spec.bitwidth} bits")
+        deployed = quantize(fp32, spec.bitwidth, out_dir)
+    return _redescribe(deployed, deployed.path, graph_note=note) if note else deployed
 
 
 def fp32_source(deployed: ExportedModel) -> ExportedModel:
@@ -674,7 +709,19 @@ def run_cached(
         raise ExportError(f"input_ids must be (batch, seq), got shape {ids.shape}")
     if cache is None:
         cache = exported.empty_cache(ids.shape[0])
-    feeds: dict[str, np.ndarray] = {"input_ids": ids}
+    batch, seq = ids.shape
+    past = cache[exported.cache_spec[0].name].shape[exported.cache_spec[0].past_axis] if exported.cache_spec else 0
+    if exported.max_positions and past + seq > exported.max_positions:
+        raise ExportError(f"{past + seq} positions, over the graph's {exported.max_positions} (its context length)")
+    if exported.graph == "gqa" and past > 0 and seq > 1 and batch > 1:
+        # GroupQueryAttention takes several new tokens after a non-empty cache only for batch 1
+        # (docs/dependencies.md): feed them one at a time, which gives the same logits.
+        steps = []
+        for t in range(seq):
+            logits, cache = run_cached(session, exported, ids[:, t : t + 1], cache)
+            steps.append(logits)
+        return np.concatenate(steps, axis=1), cache
+    feeds: dict[str, np.ndarray] = {"input_ids": ids, **step_inputs(exported.graph, batch, past, seq)}
     for c in exported.cache_spec:
         feeds[c.name] = cache[c.name]
     outputs = session.run(list(exported.output_names), feeds)

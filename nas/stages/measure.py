@@ -94,6 +94,9 @@ def measure_local(
         "batch": w.batch,
         "warmup": warmup,
         "repeats": repeats,
+        # Which graph ran (nas.stages.feeds): the deployment graph and the plain one of the same
+        # spec differ by up to ~2x, so a figure of one is never reused for the other.
+        "graph": _graph_kind(Path(model_dir)),
     }
     args = {
         "model_dir": str(Path(model_dir).resolve()),
@@ -136,6 +139,14 @@ def measure_local(
                     "baseline_rss_bytes": result["baseline_rss_bytes"],
                     "session_load_s": round(result["session_load_s"], 3), "peak_reset": result["peak_reset"]},
     )
+
+
+def _graph_kind(model_dir: Path) -> str:
+    """The exported model's graph kind from its manifest ("plain" for manifests without one)."""
+    try:
+        return json.loads((model_dir / "model.json").read_text()).get("graph", "plain")
+    except (OSError, json.JSONDecodeError):
+        return "plain"  # the worker reports a missing or broken model itself
 
 
 def _failure_reason(returncode: int, stderr: str) -> str:

@@ -4,7 +4,8 @@ Started by :func:`nas.stages.measure.measure_local` as ``python -m nas.stages.me
 process per measurement, so that a crash, a hang or an out-of-memory kill in ONNX Runtime ends
 only this process. It imports numpy and onnxruntime only (no torch, no nas modules that pull it
 in), so its peak resident memory is what a deployment's inference process would hold: the
-runtime plus the model, its arena disabled so that growth is the model's own.
+runtime plus the model, its arena disabled so that growth is the model's own. Either graph kind
+(plain or deployment, the manifest's ``graph``) is fed by ``nas.stages.feeds``, which is numpy only.
 
 Protocol: argv[1] is a JSON object (model_dir, threads, provider, prompt_tokens, context_tokens,
 batch, warmup, repeats, max_phase_seconds, cores); stdout's last line is a JSON object with the
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from nas.stages.feeds import step_inputs  # numpy only: the rule run_cached feeds a graph by
 
 
 def _status_bytes(key: str) -> int | None:
@@ -76,6 +79,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     manifest = json.loads((model_dir / "model.json").read_text())
     model_path = model_dir / manifest["path"]
     cache_spec = manifest["cache_spec"]
+    graph = manifest.get("graph", "plain")  # manifests written before the deployment graph are plain
 
     peak_reset = _reset_peak()
     baseline_rss = _status_bytes("VmRSS")
@@ -109,15 +113,16 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     output_names = [c["output"] for c in cache_spec]
     prompt_ids = rng.integers(0, vocab, size=(batch, prompt), dtype=np.int64)
     empty = cache(0)
-    prefill_feeds = {"input_ids": prompt_ids, **empty}
+    prefill_feeds = {"input_ids": prompt_ids, **empty, **step_inputs(graph, batch, 0, prompt)}
     prefill = _timed(lambda: session.run(None, prefill_feeds), args["warmup"], args["repeats"],
                      args["max_phase_seconds"])
 
     # The decode cache is filled by a real prefill of `context` tokens, then every timed step
     # decodes one token on top of the same cache, so the context length stays fixed.
     context_ids = rng.integers(0, vocab, size=(batch, context), dtype=np.int64)
-    presents = session.run(output_names, {"input_ids": context_ids, **empty})
-    decode_feeds = {"input_ids": rng.integers(0, vocab, size=(batch, 1), dtype=np.int64)}
+    presents = session.run(output_names, {"input_ids": context_ids, **empty, **step_inputs(graph, batch, 0, context)})
+    decode_feeds = {"input_ids": rng.integers(0, vocab, size=(batch, 1), dtype=np.int64),
+                    **step_inputs(graph, batch, context, 1)}
     decode_feeds.update({c["name"]: p for c, p in zip(cache_spec, presents, strict=True)})
     del presents
     decode = _timed(lambda: session.run(None, decode_feeds), args["warmup"], args["repeats"],
@@ -143,6 +148,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             "numpy": np.__version__,
             "python": platform.python_version(),
             "opset": manifest.get("opset"),
+            "graph": graph,
+            "made_by": manifest.get("made_by"),
+            "graph_note": manifest.get("graph_note", ""),  # why a plain graph, where one was used
             "arena": False,
         },
     }

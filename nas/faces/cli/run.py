@@ -199,7 +199,7 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = keep or Path(tmp)
         with log.status(f"exporting to ONNX and quantizing to {spec.bitwidth} bits…"):
-            exported = export_spec(spec, out_dir)
+            exported = export_spec(spec, out_dir, graph="deploy")  # the graph a trial measures
         with log.status("measuring in an isolated ONNX Runtime process…"):
             m = measure_deployed(spec, exported.path.parent, profile, host=host,
                                  require_measured=require_measured,
