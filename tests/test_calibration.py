@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from nas.faces.plots.data import load_study
+from nas.faces.plots.figures import hover_text
 from nas.search.calibration import with_stored_calibration
 from nas.spec.calibration import REFERENCE_SET, stored_points
 from nas.spec.profile import load_profile, parse_profile
@@ -121,6 +123,17 @@ def test_remeasure_measures_the_front_again_and_keeps_the_trials_figures(finishe
     assert len(new) == 1 and new[0].ok and new[0].label == "measured:local"
     assert new[0].provenance["remeasure_of"]["study"] == STUDY and new[0].provenance["fingerprint"]
     assert new[0].provenance["remeasure_of"]["trial"] in before
+
+    # The views show the newer figure beside the trial's own: `nas pareto` and the plot's hover.
+    r = nas(["pareto", STUDY, "--db", db], finished.env, tmp_path)
+    assert r.returncode == 0 and f"#{new[0].provenance['remeasure_of']['trial']} measured again" in r.stdout
+    with Store(db) as store:
+        data = load_study(store, STUDY)
+    again = [p for p in data.points if p.newer]
+    assert [p.number for p in again] == [new[0].provenance["remeasure_of"]["trial"]]
+    hover = hover_text(again[0])
+    assert "measured again" in hover and f"fingerprint {new[0].fingerprint}" in hover
+    assert all(p.fingerprint for p in data.points if p.on_front)
 
     r = nas(["remeasure", "no-such-study", "--db", db], finished.env, tmp_path)
     assert r.returncode == 2 and "no study named 'no-such-study'" in r.stderr and "Traceback" not in r.stderr

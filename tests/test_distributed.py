@@ -141,6 +141,28 @@ def test_two_workers_measure_on_the_device_node(env, cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_calibrating_through_the_device_node_stores_points_labelled_with_it(env, cluster, tmp_path):
+    profile = device_profile(tmp_path / "standin.yaml", "stand_in_device")
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["devices", "calibrate", "--device", str(profile), "-n", "1", "--db", db, "--ray-address", cluster],
+            env, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert f"Ray node {DEVICE_NODE}" in r.stdout and "Calibration points of standin" in r.stdout
+    with Store(db) as store:
+        rows = store.calibration(profile="standin")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.label, row.node, row.provenance["ray_node_name"]) == (f"measured:{DEVICE_NODE}", DEVICE_NODE,
+                                                                       DEVICE_NODE)
+    assert row.device_fingerprint == row.provenance["fingerprint"] and row.device_facts["threads"] == 2
+    # A profile whose device no node of the cluster advertises: one line, exit 2, nothing stored.
+    absent = device_profile(tmp_path / "absent.yaml", "absent_device")
+    r = nas(["devices", "calibrate", "--device", str(absent), "--db", db, "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 2 and "advertises 'absent_device'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with Store(db) as store:
+        assert store.calibration(profile="absent") == []
+
+
 def test_without_the_device_node_the_search_says_so_once_and_estimates(env, cluster, tmp_path):
     # The Pi 5 profile (datasheet facts, so it can be estimated) waiting for a device nobody joined.
     profile = tmp_path / "absent.yaml"

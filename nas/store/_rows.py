@@ -71,6 +71,14 @@ class MeasurementRow:
         """Taken on the device itself, as opposed to estimated."""
         return self.label.startswith("measured:")
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the machine its figures rest on: its own, or for an estimate the
+        host measurement's it was made beside (None for rows written before fingerprints)."""
+        host = self.provenance.get("host")
+        fp = self.provenance.get("fingerprint") or (host.get("fingerprint") if isinstance(host, Mapping) else None)
+        return fp if isinstance(fp, str) else None
+
     def to_measurement(self) -> Measurement:
         """The measurement as the stages made it (its repeats give back its statistics); a row
         written from figures alone keeps its median, p10 and p90."""

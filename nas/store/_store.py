@@ -246,6 +246,16 @@ class Store:
                 return _measurement_row(row)
         return None
 
+    def newer_measurement(self, *, id: int) -> MeasurementRow | None:
+        """The newest successful measurement of the same architecture, profile and bitwidth as
+        row ``id`` taken after it (``nas remeasure``, or another study's), or None: what the views
+        show beside a trial's own figures, which stay as the trial was scored."""
+        old = self.get_measurement(id=id)
+        new = self.find_measurement(arch_id=old.arch_id, profile=old.profile, bitwidth=old.bitwidth)
+        if new is None or (new.created_at, new.id) <= (old.created_at, old.id):
+            return None
+        return new
+
     def get_measurement(self, *, id: int) -> MeasurementRow:
         with self._read() as s:
             row = s.get(MeasurementModel, id)
