@@ -16,6 +16,8 @@ import pytest
 from nas.faces.plots.data import load_study
 from nas.faces.plots.figures import hover_text
 from nas.search.calibration import with_stored_calibration
+from nas.search.remeasure import Moved, compare_front
+from nas.spec.arch import ArchSpec
 from nas.spec.calibration import REFERENCE_SET, stored_points
 from nas.spec.profile import load_profile, parse_profile
 from nas.stages.estimate import estimate
@@ -98,6 +100,28 @@ def test_calibrating_a_device_nothing_measures_is_a_one_line_error(tmp_path):
 
 
 # --- nas remeasure ---------------------------------------------------------------------------------
+def test_new_figures_that_reorder_the_front_say_who_leaves_it(tmp_path):
+    host = load_profile("host")
+    fast, good = (ArchSpec(vocab_size=512, d_model=d, n_layers=2, n_heads=2, head_dim=16) for d in (32, 64))
+    with Store(f"sqlite:///{tmp_path / 'nas.db'}") as store:
+        store.create_study(name="s", space="tiny", profile="host",
+                           objectives=[("val_bpb", "minimize"), ("decode_ms", "minimize")])
+        moved = []
+        for number, (spec, bpb, old_ms, new_ms) in enumerate([(fast, 3.0, 1.0, 3.0), (good, 2.0, 2.0, 2.0)]):
+            store.upsert_architecture(spec=spec)
+            old = store.add_measurement(measurement(spec.arch_id, decode_ms=old_ms, prefill_ms=5.0))
+            new = store.add_measurement(measurement(spec.arch_id, decode_ms=new_ms, prefill_ms=5.0))
+            store.start_trial(study="s", number=number, arch_id=spec.arch_id)
+            trial = store.finish_trial(study="s", number=number, val_bpb=bpb, measurement_id=old.id,
+                                       objectives={"val_bpb": bpb, "decode_ms": old_ms})
+            moved.append(Moved(trial, old, new))
+    result = compare_front("s", host, "here", moved, ["val_bpb", "decode_ms"], ["minimize", "minimize"])
+    # trial 0 was on the front for being faster; at 3 ms it is slower and worse than trial 1
+    assert (result.front_before, result.front_after) == ([0, 1], [1])
+    assert (result.order_before, result.order_after) == ([0, 1], [1, 0])
+    assert moved[0].ratio("decode_ms") == 3.0 and moved[1].ratio("prefill_ms") == 1.0
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     return tiny_search(tmp_path_factory)

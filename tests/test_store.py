@@ -192,7 +192,7 @@ def test_a_0001_database_with_trials_upgrades_to_0002_and_0003_keeping_them(db_u
 
     assert upgrade(db_url, "0002") == ("0001", "0002")
     assert "nas_noise" not in inspect(make_engine(db_url)).get_table_names()
-    assert upgrade(db_url) == ("0002", head_revision())  # 0003 adds the noise table beside the rows
+    assert upgrade(db_url) == ("0002", head_revision())  # 0003 and 0004 add tables beside the rows
     with Store(db_url) as s:  # at head from here on, whatever later revisions add
         assert schema_diff(db_url) == []
         assert s.get_study(name="old").trial_counts == {"running": 1, "complete": 1, "failed": 0, "infeasible": 0}

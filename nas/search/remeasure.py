@@ -141,12 +141,14 @@ def remeasure_front(store: Store, study: str, *, device: str | None = None, top:
         new = store.add_measurement(m)
         over = [k for k, v in profile.budgets.constraints(m.figures()).items() if v > 0]
         moved.append(Moved(t, old, new, over))
-    return _compare(study, profile, where, moved, [o.name for o in row.objectives],
+    return compare_front(study, profile, where, moved, [o.name for o in row.objectives],
                     [o.direction for o in row.objectives])
 
 
-def _compare(study: str, profile: HardwareProfile, where: str, moved: list[Moved], names: list[str],
-             directions: list[str]) -> Remeasured:
+def compare_front(study: str, profile: HardwareProfile, where: str, moved: list[Moved], names: list[str],
+                  directions: list[str]) -> Remeasured:
+    """Which of the remeasured front trials stay non-dominated among themselves (and within the
+    budgets) with their new figures, and their order by decode latency, old and new."""
     from nas.store import non_dominated
 
     def values(mv: Moved, new: bool) -> list[float]:

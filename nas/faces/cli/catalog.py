@@ -140,7 +140,7 @@ def sample(
 
 
 
-devices_app = typer.Typer(help="Hardware profiles: list and validate them, calibrate this host.",
+devices_app = typer.Typer(help="Hardware profiles: list and validate them, calibrate this host or a device.",
                           invoke_without_command=True, no_args_is_help=False)
 
 
