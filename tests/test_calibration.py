@@ -93,7 +93,8 @@ def test_calibrating_a_device_nothing_measures_is_a_one_line_error(tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
     for args, expect in ((["--device", "laptop"], "measurement.where: estimate"),
                          (["--device", "rpi5"], "give --ray-address"),
-                         (["--export", "x.yaml"], "give --device")):
+                         (["--export", "x.yaml"], "give --device"),
+                         (["--device", "host", "--ray-address", "127.0.0.1:1"], "not 'ray'")):
         r = nas(["devices", "calibrate", *args, "--db", db], dict(os.environ), tmp_path)
         assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

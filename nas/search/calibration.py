@@ -48,6 +48,9 @@ def measurer(profile: HardwareProfile, ray_address: str | None) -> tuple[Measure
     from nas.stages.measure import measure_local
 
     where = profile.measurement.where
+    if ray_address is not None and where != "ray":
+        raise CannotCalibrate(f"{profile.source or profile.name}: measurement.where is {where!r}, not 'ray': "
+                              f"--ray-address has no device node to find")
     if where == "local":
         return (lambda spec, d: measure_local(d, spec, profile)), f"this host ({socket.gethostname()})"
     if where == "estimate":

@@ -96,6 +96,9 @@ def measuring(profile: HardwareProfile, ray_address: str | None) -> tuple[Callab
     from nas.search.pipeline import host_setup, measure_deployed
 
     where = profile.measurement.where
+    if ray_address is not None and where != "ray":
+        raise NasError(f"{profile.source or profile.name}: measurement.where is {where!r}, not 'ray': "
+                       f"--ray-address has no device node to find")
     ray_measure = None
     if where == "ray" and ray_address is not None:
         from nas.search.ray_executor import device_nodes, measure_on_ray
