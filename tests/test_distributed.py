@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from nas.spec.calibration import REFERENCE_SET
 from nas.store import Store
+from tests.measurements import measurement
 from tests.test_search import FAST, ROOT, _wait_for, nas
 
 pytestmark = pytest.mark.slow
@@ -141,6 +143,28 @@ def test_two_workers_measure_on_the_device_node(env, cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_calibrating_through_the_device_node_stores_points_labelled_with_it(env, cluster, tmp_path):
+    profile = device_profile(tmp_path / "standin.yaml", "stand_in_device")
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["devices", "calibrate", "--device", str(profile), "-n", "1", "--db", db, "--ray-address", cluster],
+            env, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert f"Ray node {DEVICE_NODE}" in r.stdout and "Calibration points of standin" in r.stdout
+    with Store(db) as store:
+        rows = store.calibration(profile="standin")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.label, row.node, row.provenance["ray_node_name"]) == (f"measured:{DEVICE_NODE}", DEVICE_NODE,
+                                                                       DEVICE_NODE)
+    assert row.device_fingerprint == row.provenance["fingerprint"] and row.device_facts["threads"] == 2
+    # A profile whose device no node of the cluster advertises: one line, exit 2, nothing stored.
+    absent = device_profile(tmp_path / "absent.yaml", "absent_device")
+    r = nas(["devices", "calibrate", "--device", str(absent), "--db", db, "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 2 and "advertises 'absent_device'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with Store(db) as store:
+        assert store.calibration(profile="absent") == []
+
+
 def test_without_the_device_node_the_search_says_so_once_and_estimates(env, cluster, tmp_path):
     # The Pi 5 profile (datasheet facts, so it can be estimated) waiting for a device nobody joined.
     profile = tmp_path / "absent.yaml"
@@ -154,14 +178,25 @@ def test_without_the_device_node_the_search_says_so_once_and_estimates(env, clus
     r = nas(["search", *FAST, "--device", str(profile), "--trials", "1", "--db", db, "--executor", "ray",
              "--ray-address", cluster, "--require-measured"], env, tmp_path)
     assert r.returncode == 2 and "absent_device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # Points `nas devices calibrate` stored for this device earlier: the estimates fit them too.
+    with Store(db) as store:
+        for ref in REFERENCE_SET[:3]:
+            store.upsert_architecture(spec=ref.spec)
+            m = measurement(ref.spec.arch_id, bitwidth=ref.spec.bitwidth, label="measured:pi5-1", decode_ms=1.0,
+                            prefill_ms=20.0, workload={"prompt_tokens": 64, "context_tokens": 256},
+                            provenance={"fingerprint": "fp-pi", "device_facts": {"threads": 4}})
+            store.add_calibration(run="r1", profile="absent", node="pi5-1", measurement=m)
     r = nas(["search", *FAST, "--device", str(profile), "--trials", "2", "--db", db, "--executor", "ray",
              "--ray-address", cluster], env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (r.stdout + r.stderr).count("no Ray node advertises 'absent_device'") == 1
+    assert "also fit 3 point(s) measured on pi5-1" in r.stdout + r.stderr
     with Store(db) as store:
         trials = store.trials(study="tiny-absent")
-        labels = {store.get_measurement(id=t.measurement_id).label for t in trials if t.measurement_id}
-    assert labels == {"estimated:model"}, [(t.state, t.failure_reason) for t in trials]
+        rows = [store.get_measurement(id=t.measurement_id) for t in trials if t.measurement_id]
+    assert {m.label for m in rows} == {"estimated:model"}, [(t.state, t.failure_reason) for t in trials]
+    for m in rows:
+        assert {(u["node"], u["fingerprint"]) for u in m.provenance["stored_calibration"]} == {("pi5-1", "fp-pi")}
 
 
 def test_a_worker_killed_mid_trial_fails_that_trial_and_the_search_goes_on(env, cluster, tmp_path):

@@ -167,7 +167,7 @@ def test_cli_require_measured_refuses_an_estimate(cache: Path, tmp_path: Path):
 
 
 def test_the_device_fingerprint_changes_with_what_changes_the_speed(exported: Path):
-    from nas.stages.measure import device_fingerprint
+    from nas.stages.measure import device_facts, device_fingerprint, fingerprint_of
 
     host = load_profile("host")
     fp = device_fingerprint(host)
@@ -176,3 +176,10 @@ def test_the_device_fingerprint_changes_with_what_changes_the_speed(exported: Pa
     assert device_fingerprint(more_threads) != fp
     m = measure_local(exported, SPEC, host, **FAST)
     assert m.provenance["fingerprint"] == fp  # what a later search matches before reusing it
+    # The facts behind it travel with the figures; those this machine does not expose are left
+    # out (a VM has no cpufreq, an x86 host no device tree), never a failure.
+    facts = device_facts(host)
+    assert m.provenance["device_facts"] == facts and fingerprint_of(facts) == fp
+    assert ("cpu_max_khz" in facts) == Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_max_freq").exists()
+    assert ("board" in facts) == Path("/proc/device-tree/model").exists()
+    assert {"cpu", "cores", "governor", "threads", "provider", "onnxruntime", "numpy", "python"} <= set(facts)

@@ -192,7 +192,7 @@ def test_a_0001_database_with_trials_upgrades_to_0002_and_0003_keeping_them(db_u
 
     assert upgrade(db_url, "0002") == ("0001", "0002")
     assert "nas_noise" not in inspect(make_engine(db_url)).get_table_names()
-    assert upgrade(db_url) == ("0002", head_revision())  # 0003 adds the noise table beside the rows
+    assert upgrade(db_url) == ("0002", head_revision())  # 0003 and 0004 add tables beside the rows
     with Store(db_url) as s:  # at head from here on, whatever later revisions add
         assert schema_diff(db_url) == []
         assert s.get_study(name="old").trial_counts == {"running": 1, "complete": 1, "failed": 0, "infeasible": 0}
@@ -783,3 +783,75 @@ def test_a_measurement_is_reused_only_under_the_fingerprint_it_was_taken_with(st
     assert store.find_measurement(**key, fingerprint="cccc") == estimate  # an estimate rests on its host's
     assert store.find_measurement(**key, fingerprint="dddd") is None  # another machine: measure again
     assert store.find_measurement(**key) == estimate  # no filter: the newest
+
+
+# --- calibration on a device (schema 0004) -----------------------------------------------------------
+def test_a_0003_database_upgrades_to_0004_keeping_its_rows(db_url):
+    assert upgrade(db_url, "0003") == (None, "0003")
+    assert "nas_calibration" not in inspect(make_engine(db_url)).get_table_names()
+    arch = spec()
+    _write_at_0003(db_url, arch)
+    assert upgrade(db_url) == ("0003", head_revision())
+    with Store(db_url) as s:
+        assert schema_diff(db_url) == []
+        assert s.get_study(name="old").profile == "host"
+        assert s.find_measurement(arch_id=arch.arch_id, profile="host", bitwidth=32).decode_ms_per_token == 1.5
+        assert s.calibration(profile="host") == []
+
+
+def _write_at_0003(db_url: str, arch: ArchSpec) -> None:
+    """A study, an architecture and its measurement, written through the 0003 tables as they are
+    in the database, not through today's models."""
+    now = datetime.now(UTC)
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        tables = MetaData()
+        studies = Table("nas_studies", tables, autoload_with=conn)
+        archs = Table("nas_architectures", tables, autoload_with=conn)
+        meas = Table("nas_measurements", tables, autoload_with=conn)
+        conn.execute(studies.insert(), {"name": "old", "space": "tiny", "profile": "host", "train_config": {},
+                                        "objectives": [{"name": "val_bpb", "direction": "minimize"}], "extra": {},
+                                        "created_at": now})
+        conn.execute(archs.insert(), {"arch_id": arch.arch_id, "spec": arch.canonical_json(), "summary": "s",
+                                      "attention": arch.attention, "bitwidth": 32, "vocab_size": arch.vocab_size,
+                                      "d_model": arch.d_model, "n_layers": arch.n_layers, "params": arch.params(),
+                                      "non_embedding_params": arch.non_embedding_params(), "created_at": now})
+        conn.execute(meas.insert(), {"arch_id": arch.arch_id, "profile": "host", "bitwidth": 32,
+                                     "label": "measured:local", "prefill_ms": 3.0, "decode_ms_per_token": 1.5,
+                                     "prefill_repeats_ms": [], "decode_repeats_ms": [], "workload": {},
+                                     "provenance": {}, "created_at": now})
+    engine.dispose()
+
+
+def test_calibration_points_are_kept_per_fingerprint_and_the_newest_device_is_used(store):
+    first = spec()
+    store.upsert_architecture(spec=first)
+    other = spec(d_model=256)
+    store.upsert_architecture(spec=other)
+    facts = {"cpu": "x", "threads": 2, "provider": "CPUExecutionProvider", "onnxruntime": "1.32.0"}
+
+    def point(spec: ArchSpec, fp: str, decode: float) -> Any:
+        return measurement(spec.arch_id, label="measured:pi5-1", prefill_ms=10.0, decode_ms=decode,
+                           workload={"prompt_tokens": 64, "context_tokens": 256, "batch": 1},
+                           provenance={"fingerprint": fp, "device_facts": facts}, peak_memory_bytes=2**26)
+
+    store.add_calibration(run="r1", profile="rpi5", node="pi5-1", measurement=point(first, "fp-old", 1.0))
+    store.add_calibration(run="r2", profile="rpi5", node="pi5-1", measurement=point(first, "fp-new", 2.0))
+    store.add_calibration(run="r2", profile="rpi5", node="pi5-1", measurement=point(other, "fp-new", 3.0))
+    store.add_calibration(run="r3", profile="rpi5", node="pi5-1", measurement=point(first, "fp-new", 2.5))
+    assert [r.decode_ms for r in store.calibration(profile="rpi5", device_fingerprint="fp-old")] == [1.0]
+    latest = store.latest_calibration(profile="rpi5")
+    assert {(r.arch_id, r.decode_ms) for r in latest} == {(other.arch_id, 3.0), (first.arch_id, 2.5)}
+    assert all(r.device_fingerprint == "fp-new" and r.node == "pi5-1" for r in latest)
+    row = latest[0]
+    assert row.spec == other and row.device_facts == facts and row.workload["context_tokens"] == 256
+    p = row.to_point(board="Raspberry Pi 5")
+    assert (p.source.fingerprint, p.source.node, p.measured_decode_ms(), p.workload.threads) == ("fp-new", "pi5-1",
+                                                                                                3.0, 2)
+    assert store.latest_calibration(profile="jetson") == []
+    with pytest.raises(StoreError, match="must be measured on the device"):
+        store.add_calibration(run="r4", profile="rpi5", node="n",
+                              measurement=dataclasses.replace(point(first, "f", 1.0), label="estimated:model"))
+    with pytest.raises(StoreError, match=r"no provenance\.fingerprint"):
+        store.add_calibration(run="r4", profile="rpi5", node="n",
+                              measurement=dataclasses.replace(point(first, "f", 1.0), provenance={}))

@@ -428,6 +428,20 @@ class _LastSummary(SearchEvents):
 
 
 # --- measurement on the device's node -----------------------------------------------------------
+def device_nodes(address: str, resource: str) -> list[str]:
+    """Connect to the cluster at ``address`` and name its live nodes that advertise ``resource``;
+    raises NotMeasurable naming both when none does (for commands that measure on the device
+    alone: ``nas devices calibrate``, ``nas remeasure``)."""
+    from nas.search.pipeline import NotMeasurable
+
+    ray = _connect(address)
+    names = [n["NodeName"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)]
+    if not names:
+        raise NotMeasurable(f"no node of the Ray cluster at {address} advertises {resource!r} (join the device "
+                            f"with `ray start --address {address} --resources '{{\"{resource}\": 1}}'`)")
+    return names
+
+
 def measure_on_ray(spec: ArchSpec, model_dir: Path, profile: HardwareProfile) -> Measurement:
     """Measure ``model_dir`` (an export of ``spec``) on the node advertising the profile's
     resource; figures labelled ``measured:<node>``. Any failure is a MeasurementError."""

@@ -211,6 +211,8 @@ class Search:
             raise NasError("rungs need a token budget: the space's training sets seconds, which a rung cannot split")
         self.rungs = RungPlan(self.train.tokens, count=cfg.rungs, eta=cfg.eta)  # checked before the study opens
         self.store = Store(cfg.db_url)
+        if self.profile.measurement.where != "local":
+            self.profile = self._with_stored_calibration(self.profile)
         self.resources = Resources(load_corpus(cfg.data, max_bytes=cfg.max_bytes), self.events)
         self._storage = _optuna_storage(cfg)
         self.study = self._open_study()
@@ -227,6 +229,21 @@ class Search:
         self.deadline: float | None = None
         """When the run's time budget ends (``time.time()``); set by ``run`` and the Ray
         executor. Past it no trial goes on to another rung."""
+
+    def _with_stored_calibration(self, profile: HardwareProfile) -> HardwareProfile:
+        """The profile with the points ``nas devices calibrate`` stored for its device, for the
+        estimates made when the device is not there (said once)."""
+        from nas.search.calibration import describe_stored, with_stored_calibration
+        from nas.spec.calibration import stored_points
+
+        augmented = with_stored_calibration(profile, self.store)
+        added = stored_points(augmented)[len(stored_points(profile)):]
+        if added:
+            d = describe_stored(added)
+            self.events.message(f"estimates for {profile.name} also fit {d['points']} point(s) measured on "
+                                f"{', '.join(d['nodes'])} by `nas devices calibrate` (fingerprint "
+                                f"{', '.join(d['fingerprints'])})")
+        return augmented
 
     # --- the study ------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:

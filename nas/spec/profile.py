@@ -266,6 +266,11 @@ class PointSource(_Section):
     date: Text | None = None
     note: Text | None = None
     """Anything needed to read the figure: which row of a table, how it was averaged."""
+    node: Text | None = None
+    """For a point measured by ``nas devices calibrate``: the machine (Ray node) it ran on."""
+    fingerprint: Text | None = None
+    """For a point measured by ``nas devices calibrate``: the device fingerprint of the run
+    (``nas.stages.measure.device_facts``); public points have none."""
 
 
 class PointWorkload(_Section):

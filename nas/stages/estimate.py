@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas.spec.calibration import stored_points
 from nas.spec.errors import NasError
 from nas.spec.files import atomic_write
 from nas.spec.latency import LatencyModel, decode_step, prefill_step
@@ -141,6 +142,11 @@ def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None
         "model_bytes_from": "host export" if host_measurement is not None else "analytic (ArchSpec.weight_bytes)",
         "memory_from": memory_from,
     }
+    stored = stored_points(target)
+    if stored:  # the device's own points from `nas devices calibrate`, which runs and machine
+        provenance["stored_calibration"] = [
+            {"arch_id": p.arch.arch_id, "node": p.source.node, "fingerprint": p.source.fingerprint,
+             "run": p.source.url, "date": p.source.date} for p in stored]
     if host_measurement is not None:  # what this host measured, kept for comparison, not used for latency
         provenance.update(host_decode_ms=host_measurement.decode.median_ms,
                           host_prefill_ms=host_measurement.prefill.median_ms, host=host_measurement.provenance)

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nas.spec.errors import NasError
 from nas.spec.results import MEASURED_LOCAL, LatencyStats, Measurement
@@ -42,12 +42,55 @@ def pinned_cores(threads: int) -> list[int]:
     return available[: max(1, min(threads, len(available)))]
 
 
-def device_fingerprint(runtime: HardwareProfile) -> str:
-    """A hash of what changes this machine's speed for a measurement on ``runtime``'s settings:
-    the CPU model and the cores it may use, the frequency governor where readable, the thread
-    count and execution provider, and the versions of ONNX Runtime, numpy and Python. A stored
-    measurement is reused only under the same fingerprint: figures taken on another machine, or
-    with another runtime, are taken again rather than passed off as this one's."""
+def _read_first_line(path: str) -> str | None:
+    """The file's first line, stripped; None where it does not exist or cannot be read (a VM
+    without cpufreq, a board without a device tree): a fact that is absent is left out."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    line = text.replace("\x00", "").strip().splitlines()
+    return line[0].strip() if line else None
+
+
+def _nvpmodel_mode() -> str | None:
+    """The Jetson power mode as ``nvpmodel -q`` prints it ("NV Power Mode: MAXN"), where that
+    tool exists; it moves the clocks, hence the speed, by up to ~4x (docs/dependencies.md)."""
+    import shutil
+
+    tool = shutil.which("nvpmodel")
+    if tool is None:
+        return None
+    try:
+        out = subprocess.run([tool, "-q"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    modes = [line.split(":", 1)[1].strip() for line in out.splitlines() if "Power Mode" in line and ":" in line]
+    return modes[0] if modes else None
+
+
+def _nvidia_gpus() -> list[str]:
+    """GPU models the NVIDIA driver lists (desktop and server drivers; a Jetson has none here)."""
+    found = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            lines = info.read_text().splitlines()
+        except OSError:
+            continue
+        found += [line.split(":", 1)[1].strip() for line in lines if line.startswith("Model:")]
+    return found
+
+
+def device_facts(runtime: HardwareProfile) -> dict[str, Any]:
+    """What changes this machine's speed for a measurement on ``runtime``'s settings.
+
+    Always: the CPU model and the cores this process may use, the frequency governor
+    ("unknown" where unreadable), the thread count and execution provider, and the versions of
+    ONNX Runtime, numpy and Python. Where the machine exposes them (only then, so that a machine
+    without them keeps the fingerprint it had before they were read): the CPU's maximum clock,
+    the board's model (a Jetson's or a Pi's device tree), the Jetson power mode, the NVIDIA GPU
+    models and, on the CUDA provider, the ONNX Runtime build's device. Nothing here fails on a
+    fact that is absent."""
     import platform
 
     import numpy
@@ -55,15 +98,35 @@ def device_fingerprint(runtime: HardwareProfile) -> str:
 
     from nas.stages.measure_worker import cpu_model
 
-    try:
-        governor = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor").read_text().strip()
-    except OSError:
-        governor = "unknown"
-    facts = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "governor": governor,
-             "threads": runtime.runtime.threads, "provider": runtime.runtime.execution_provider,
-             "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
-             "python": platform.python_version()}
+    facts: dict[str, Any] = {
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+        "governor": _read_first_line("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "unknown",
+        "threads": runtime.runtime.threads, "provider": runtime.runtime.execution_provider,
+        "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+    }
+    optional = {
+        "cpu_max_khz": _read_first_line("/sys/devices/system/cpu/cpu0/cpufreq/scaling_max_freq"),
+        "board": _read_first_line("/proc/device-tree/model"),
+        "power_mode": _nvpmodel_mode(),
+        "gpus": _nvidia_gpus() or None,
+    }
+    if runtime.runtime.execution_provider != "CPUExecutionProvider":
+        optional["onnxruntime_device"] = onnxruntime.get_device()
+    facts.update({k: v for k, v in optional.items() if v is not None})
+    return facts
+
+
+def fingerprint_of(facts: dict[str, Any]) -> str:
+    """The fingerprint of :func:`device_facts`' facts: a short hash."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def device_fingerprint(runtime: HardwareProfile) -> str:
+    """A hash of :func:`device_facts`: what changes this machine's speed for a measurement on
+    ``runtime``'s settings. A stored measurement is reused only under the same fingerprint:
+    figures taken on another machine, or with another runtime, are taken again rather than
+    passed off as this one's."""
+    return fingerprint_of(device_facts(runtime))
 
 
 def measure_local(
@@ -107,6 +170,7 @@ def measure_local(
         **workload,
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    facts = device_facts(runtime_profile)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nas.stages.measure_worker", json.dumps(args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -135,7 +199,7 @@ def measure_local(
         peak_memory_bytes=result["peak_rss_bytes"],
         model_bytes=result["model_bytes"],
         workload=workload,
-        provenance={**result["provenance"], "fingerprint": device_fingerprint(runtime_profile),
+        provenance={**result["provenance"], "fingerprint": fingerprint_of(facts), "device_facts": facts,
                     "baseline_rss_bytes": result["baseline_rss_bytes"],
                     "session_load_s": round(result["session_load_s"], 3), "peak_reset": result["peak_reset"]},
     )

@@ -24,13 +24,23 @@ ONNX Runtime, Optuna, the stages or the search.
 from nas.store._engine import StoreError, default_db_url, harden_foreign_sqlite_engine, make_engine, session_scope
 from nas.store._migrate import check_schema, current_revision, head_revision, schema_diff, upgrade
 from nas.store._pareto import non_dominated
-from nas.store._rows import ArchitectureRow, MeasurementRow, NoiseRow, Objective, RungRow, StudyRow, TrialRow
+from nas.store._rows import (
+    ArchitectureRow,
+    CalibrationRow,
+    MeasurementRow,
+    NoiseRow,
+    Objective,
+    RungRow,
+    StudyRow,
+    TrialRow,
+)
 from nas.store._store import Store
 from nas.store.models import TRIAL_STATES
 
 __all__ = [
     "TRIAL_STATES",
     "ArchitectureRow",
+    "CalibrationRow",
     "MeasurementRow",
     "NoiseRow",
     "Objective",

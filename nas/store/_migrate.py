@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from nas.store._engine import StoreError, describe_error, make_engine, safe_url, writer
 
 VERSION_TABLE = "nas_alembic_version"
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 """The revision these models match: alembic's head, kept here so that opening a store (``nas
 pareto``, the web page) checks the schema without importing alembic (a tenth of a second, a
 tenth of the command). A test keeps it equal to ``head_revision()``; a new migration updates it."""

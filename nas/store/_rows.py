@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
 from nas.spec.results import LatencyStats, Measurement
+
+if TYPE_CHECKING:
+    from nas.spec.profile import CalibrationPoint
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -67,6 +70,14 @@ class MeasurementRow:
     def measured(self) -> bool:
         """Taken on the device itself, as opposed to estimated."""
         return self.label.startswith("measured:")
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the machine its figures rest on: its own, or for an estimate the
+        host measurement's it was made beside (None for rows written before fingerprints)."""
+        host = self.provenance.get("host")
+        fp = self.provenance.get("fingerprint") or (host.get("fingerprint") if isinstance(host, Mapping) else None)
+        return fp if isinstance(fp, str) else None
 
     def to_measurement(self) -> Measurement:
         """The measurement as the stages made it (its repeats give back its statistics); a row
@@ -236,3 +247,38 @@ class NoiseRow:
     def to_dict(self) -> dict[str, Any]:
         return {"arch_id": self.arch_id, "tokens": self.tokens, "seeds": list(self.seeds), "bpbs": list(self.bpbs),
                 "trial_number": self.trial_number, "std": self.std, "within_noise_gap": self.NOISE_GAP}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationRow:
+    """One reference architecture measured on a device (``nas devices calibrate --device``)."""
+
+    id: int
+    run: str
+    """Groups the points of one invocation."""
+    profile: str
+    device_fingerprint: str
+    arch_id: str
+    spec: ArchSpec
+    label: str
+    node: str
+    decode_ms: float
+    prefill_ms: float
+    peak_memory_bytes: int | None
+    model_bytes: int | None
+    workload: dict[str, Any]
+    device_facts: dict[str, Any]
+    provenance: dict[str, Any]
+    created_at: datetime
+
+    def to_point(self, board: str) -> CalibrationPoint:
+        """The row as a calibration point of the device's latency model; ``board`` names the
+        device (the profile's ``device.name``)."""
+        from nas.spec.calibration import calibration_point
+
+        return calibration_point(
+            spec=self.spec, decode_ms=self.decode_ms, prefill_ms=self.prefill_ms, workload=self.workload,
+            peak_memory_bytes=self.peak_memory_bytes, model_bytes=self.model_bytes, facts=self.device_facts,
+            fingerprint=self.device_fingerprint, node=self.node, created=self.created_at.isoformat(timespec="seconds"),
+            run=self.run, board=board,
+        )

@@ -42,6 +42,7 @@ from nas.store._migrate import known_revisions, revision_of, schema_problem, upg
 from nas.store._pareto import DIRECTIONS, non_dominated
 from nas.store._rows import (
     ArchitectureRow,
+    CalibrationRow,
     MeasurementRow,
     NoiseRow,
     Objective,
@@ -53,6 +54,7 @@ from nas.store._rows import (
 from nas.store.models import (
     TRIAL_STATES,
     ArchitectureModel,
+    CalibrationModel,
     MeasurementModel,
     NoiseModel,
     ParetoModel,
@@ -244,6 +246,16 @@ class Store:
                 return _measurement_row(row)
         return None
 
+    def newer_measurement(self, *, id: int) -> MeasurementRow | None:
+        """The newest successful measurement of the same architecture, profile and bitwidth as
+        row ``id`` taken after it (``nas remeasure``, or another study's), or None: what the views
+        show beside a trial's own figures, which stay as the trial was scored."""
+        old = self.get_measurement(id=id)
+        new = self.find_measurement(arch_id=old.arch_id, profile=old.profile, bitwidth=old.bitwidth)
+        if new is None or (new.created_at, new.id) <= (old.created_at, old.id):
+            return None
+        return new
+
     def get_measurement(self, *, id: int) -> MeasurementRow:
         with self._read() as s:
             row = s.get(MeasurementModel, id)
@@ -272,6 +284,58 @@ class Store:
                 chunk = query.where(MeasurementModel.id.in_(wanted[i : i + 500]))
                 out += [_measurement_row(r) for r in s.execute(chunk)]
             return sorted(out, key=lambda m: (m.created_at, m.id), reverse=True)
+
+    # --- calibration on a device ----------------------------------------------------------------
+    def add_calibration(self, *, run: str, profile: str, node: str, measurement: Measurement) -> CalibrationRow:
+        """Record one reference architecture measured on the device as a calibration point of
+        ``profile``, under the fingerprint the measurement was taken with (its provenance's
+        ``fingerprint`` and ``device_facts``, written where it ran). Its architecture must be
+        stored (``upsert_architecture``)."""
+        m = measurement
+        fingerprint = m.provenance.get("fingerprint")
+        if not m.label.startswith("measured:"):
+            raise StoreError(f"a calibration point must be measured on the device, not {m.label!r}")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise StoreError(f"measurement of {m.arch_id} has no provenance.fingerprint: it cannot calibrate a device")
+        bad = [k for k in ("decode_ms", "prefill_ms") if not (_is_finite_number(getattr(m, k)) and getattr(m, k) > 0)]
+        if bad:
+            raise StoreError(f"calibration point of {m.arch_id}: {bad[0]} must be a positive number")
+        with self._write() as s:
+            _require_architecture(s, m.arch_id)
+            row = CalibrationModel(
+                run=run, profile=profile, device_fingerprint=fingerprint, arch_id=m.arch_id, bitwidth=m.bitwidth,
+                label=m.label, node=node, decode_ms=float(m.decode_ms), prefill_ms=float(m.prefill_ms),
+                peak_memory_bytes=m.peak_memory_bytes, model_bytes=m.model_bytes, workload=_jsonable(m.workload),
+                device_facts=_jsonable(m.provenance.get("device_facts") or {}), provenance=_jsonable(m.provenance),
+                created_at=utcnow(),
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _calibration_row(s, row)
+
+    def calibration(self, *, profile: str, device_fingerprint: str | None = None,
+                    run: str | None = None) -> list[CalibrationRow]:
+        """The profile's calibration points, newest first; only one fingerprint's, or one run's."""
+        query = select(CalibrationModel).where(CalibrationModel.profile == profile)
+        if device_fingerprint is not None:
+            query = query.where(CalibrationModel.device_fingerprint == device_fingerprint)
+        if run is not None:
+            query = query.where(CalibrationModel.run == run)
+        query = query.order_by(CalibrationModel.created_at.desc(), CalibrationModel.id.desc())
+        with self._read() as s:
+            return [_calibration_row(s, r) for r in s.scalars(query)]
+
+    def latest_calibration(self, *, profile: str) -> list[CalibrationRow]:
+        """The points an estimate for ``profile`` uses: those of the fingerprint calibrated last
+        (the device as it was last seen), the newest per architecture; empty without any."""
+        rows = self.calibration(profile=profile)
+        if not rows:
+            return []
+        newest: dict[str, CalibrationRow] = {}
+        for r in rows:
+            if r.device_fingerprint == rows[0].device_fingerprint:
+                newest.setdefault(r.arch_id, r)
+        return sorted(newest.values(), key=lambda r: r.id)
 
     # --- studies -------------------------------------------------------------------------------
     def create_study(
@@ -870,6 +934,17 @@ def _measurement_row(row: MeasurementModel) -> MeasurementRow:
         peak_memory_bytes=row.peak_memory_bytes, model_bytes=row.model_bytes,
         workload=dict(row.workload or {}), provenance=dict(row.provenance or {}),
         error=row.error, created_at=as_utc(row.created_at),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _calibration_row(s: Session, row: CalibrationModel) -> CalibrationRow:
+    spec = s.scalar(select(ArchitectureModel.spec).where(ArchitectureModel.arch_id == row.arch_id))
+    return CalibrationRow(
+        id=row.id, run=row.run, profile=row.profile, device_fingerprint=row.device_fingerprint, arch_id=row.arch_id,
+        spec=ArchSpec.from_json(spec), label=row.label, node=row.node, decode_ms=row.decode_ms,
+        prefill_ms=row.prefill_ms, peak_memory_bytes=row.peak_memory_bytes, model_bytes=row.model_bytes,
+        workload=dict(row.workload or {}), device_facts=dict(row.device_facts or {}),
+        provenance=dict(row.provenance or {}), created_at=as_utc(row.created_at),  # type: ignore[arg-type]
     )  # fmt: skip
 
 

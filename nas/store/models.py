@@ -248,6 +248,44 @@ class NoiseModel(Base):
     created_at: Mapped[datetime] = _now_column()
 
 
+class CalibrationModel(Base):
+    """One reference architecture measured on a device by ``nas devices calibrate --device``:
+    a calibration point of that device's latency model, keyed by the profile and the device's
+    fingerprint (``nas.stages.measure.device_facts``), so that the points of one machine, power
+    mode and runtime are never fitted as another's. ``run`` groups the points of one invocation.
+    Written once, never updated; a later run adds rows and the newest point per architecture is
+    the one used."""
+
+    __tablename__ = "nas_calibration"
+    __table_args__ = (
+        CheckConstraint("label LIKE 'measured:%'", name="label"),
+        CheckConstraint(f"decode_ms > 0 AND decode_ms <= {_DBL_MAX}", name="decode_ms"),
+        CheckConstraint(f"prefill_ms > 0 AND prefill_ms <= {_DBL_MAX}", name="prefill_ms"),
+        Index(None, "profile", "device_fingerprint", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run: Mapped[str] = mapped_column(String(32), nullable=False)
+    profile: Mapped[str] = mapped_column(String(100), nullable=False)
+    device_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    arch_id: Mapped[str] = mapped_column(ForeignKey("nas_architectures.arch_id"), nullable=False)
+    bitwidth: Mapped[int] = mapped_column(Integer, nullable=False)
+    label: Mapped[str] = mapped_column(String(100), nullable=False)
+    """``measured:local`` or ``measured:<ray node>``: only measured figures calibrate."""
+    node: Mapped[str] = mapped_column(String(200), nullable=False)
+    """The machine that measured: the Ray node's name, or this host's name."""
+    decode_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    prefill_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    model_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    workload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    device_facts: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    """What the fingerprint hashes: CPU/GPU, clocks and power mode where readable, threads,
+    provider, library versions."""
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = _now_column()
+
+
 class ParetoModel(Base):
     """Membership of a study's current Pareto front; replaced whole on every refresh."""
 

@@ -14,10 +14,12 @@ import typer
 from rich.table import Table
 
 from nas.faces.cli.common import (
+    DbOpt,
     JsonOpt,
     SeedOpt,
     SpaceOpt,
     console,
+    db_url,
     err_console,
     fmt_bytes,
     fmt_count,
@@ -138,7 +140,7 @@ def sample(
 
 
 
-devices_app = typer.Typer(help="Hardware profiles: list and validate them, calibrate this host.",
+devices_app = typer.Typer(help="Hardware profiles: list and validate them, calibrate this host or a device.",
                           invoke_without_command=True, no_args_is_help=False)
 
 
@@ -183,15 +185,43 @@ def devices(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @devices_app.command()
 def calibrate(
-    space: Annotated[str, typer.Option("--space", "-s", help="Space to draw the reference architectures from.")]
-    = "gqa_small",
-    n: Annotated[int, typer.Option("-n", help="Reference architectures to measure.", min=1)] = 3,
+    device: Annotated[str | None, typer.Option(
+        "--device", "-d", help="Calibrate this profile's device (a name from `nas devices` or a YAML path): measure "
+                               "the fixed reference architectures on it and store them as its calibration points. "
+                               "Without it: this host's bandwidth and matmul rates, as before.")] = None,
+    db: DbOpt = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --device of a `where: ray` profile: HOST:PORT of the cluster whose node advertises the "
+             "profile's ray_resource.")] = None,
+    export: Annotated[Path | None, typer.Option(
+        "--export", help="With --device: write the points as a YAML `calibration:` snippet for the profile.")] = None,
+    space: Annotated[str, typer.Option("--space", "-s", help="Without --device: space to draw the reference "
+                                                             "architectures from.")] = "gqa_small",
+    n: Annotated[int | None, typer.Option("-n", help="Reference architectures to measure (without --device: drawn "
+                                                     "from --space, default 3; with it: the first N of the fixed "
+                                                     "set, smallest first, default all 6).", min=1)] = None,
     seed: SeedOpt = 0,
     refresh: Annotated[bool, typer.Option(help="Measure the host again instead of using the cached figures.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure this host's memory bandwidth and matrix-multiply rates with ONNX Runtime, then the
-    efficiencies the roofline derives from them on a few reference architectures."""
+    """Calibrate a device's latency model on the device, or this host's roofline.
+
+    With --device NAME: the fixed reference set (nas.spec.calibration, 6 architectures spanning
+    size, depth, attention kind and bitwidth) is exported here and measured on the device: on
+    the Ray node advertising the profile's ray_resource (`where: ray`, with --ray-address), or
+    on this machine (`where: local`, e.g. host). Each point is stored in the database under the
+    device's fingerprint, printed against the latency model before and after it, and used by
+    the search's estimates for that profile; --export writes them for the profile's YAML.
+
+    Without --device: this host's memory bandwidth and matrix-multiply rates with ONNX Runtime
+    (cached), then the roofline efficiencies they give on a few architectures of --space.
+    """
+    if device is not None:
+        _calibrate_device(device, db, ray_address, export, n, as_json)
+        return
+    if export is not None or ray_address is not None:
+        raise NasError("--export and --ray-address calibrate a device: give --device NAME")
+    n = n or 3
     import dataclasses
     import tempfile
 
@@ -236,3 +266,77 @@ def calibrate(
                       f"{r['decode_efficiency']:.2f}", f"{r['prefill_ms']:.2f}", f"{r['prefill_gflops']:.0f}",
                       f"{r['prefill_efficiency']:.2f}")
     console.print(table)
+
+
+def _calibrate_device(device: str, db: str | None, ray_address: str | None, export: Path | None, n: int | None,
+                      as_json: bool) -> None:
+    from nas.search.calibration import calibrate_device, points_yaml
+    from nas.spec.files import atomic_write
+    from nas.spec.profile import load_profile
+    from nas.store import Store
+
+    profile = load_profile(device)
+    log = err_console if as_json else console
+    with Store(db_url(db)) as store, log.status("calibrating…") as status:
+        result = calibrate_device(profile, store, ray_address=ray_address, n=n, progress=status.update)
+    if export is not None:
+        try:
+            atomic_write(export, points_yaml(profile, result.rows))
+        except OSError as e:
+            raise NasError(f"{export}: cannot write: {e.strerror}") from None
+    if as_json:
+        print(json.dumps({"profile": profile.name, "run": result.run, "where": result.where,
+                          "points": [_fit_json(f) for f in result.fits], "no_fit": result.no_fit,
+                          "refit": result.after.describe() if result.after else None}, indent=2, default=str))
+        return
+    _print_calibration(result, export)
+
+
+def _fit_json(f: Any) -> dict[str, Any]:
+    r = f.row
+    return {"id": r.id, "arch_id": r.arch_id, "summary": r.spec.summary(), "bitwidth": r.spec.bitwidth,
+            "label": r.label, "node": r.node, "device_fingerprint": r.device_fingerprint, "workload": r.workload,
+            "decode_ms": r.decode_ms, "prefill_ms": r.prefill_ms, "peak_memory_bytes": r.peak_memory_bytes,
+            "model_bytes": r.model_bytes, "device_facts": r.device_facts, "predicted_before": f.before,
+            "predicted_after": f.after}
+
+
+def _vs(predicted: float | None, measured: float) -> str:
+    if predicted is None:
+        return "–"
+    return f"{predicted:.3g} ({(predicted - measured) / measured:+.0%})"
+
+
+def _print_calibration(result: Any, export: Path | None) -> None:
+    p = result.profile
+    fps = sorted({r.device_fingerprint for r in result.rows})
+    console.print(f"[bold]{p.name}[/bold] measured on {result.where}: run {result.run}, "
+                  f"device fingerprint {', '.join(fps)}")
+    facts = result.rows[0].device_facts if result.rows else {}
+    console.print("  " + ", ".join(f"{k} {v}" for k, v in facts.items()), highlight=False)
+    if result.before is not None and result.after.method == "datasheet":
+        caption = (f"before and refit: the datasheet model ({result.after.parameter_sources.get('kernel_us')}); "
+                   f"a fit needs at least 3 points")
+    elif result.before is not None:
+        errors = ", ".join(f"{k} {v:.0%}" for k, v in result.after.fit_error.items())
+        caption = (f"before: the model fitted to the profile's {len(p.calibration)} own point(s) "
+                   f"({result.before.method}); refit: with these {len(result.rows)} too (its mean error over "
+                   f"all {result.after.n_points} points it was fitted to: {errors})")
+    else:
+        caption = f"no fit: {result.no_fit}"
+    table = Table(title=f"Calibration points of {p.name}", caption=caption)
+    for col in ("arch", "decode ms", "before", "refit", "prefill ms", "before", "refit", "peak MiB", "node"):
+        table.add_column(col, justify="left" if col in ("arch", "node") else "right", overflow="fold")
+    for f in result.fits:
+        r = f.row
+        peak = f"{r.peak_memory_bytes / 2**20:.0f}" if r.peak_memory_bytes else "–"
+        table.add_row(r.spec.summary(), f"{r.decode_ms:.3f}", _vs(f.before.get("decode"), r.decode_ms),
+                      _vs(f.after.get("decode"), r.decode_ms), f"{r.prefill_ms:.2f}",
+                      _vs(f.before.get("prefill"), r.prefill_ms), _vs(f.after.get("prefill"), r.prefill_ms),
+                      peak, r.node)
+    console.print(table)
+    use = ("estimates for it (no device node in the cluster, or `where: estimate`) now fit these points"
+           if p.measurement.where != "local" else "its figures are measured, so no search estimate uses them")
+    console.print(f"stored in nas_calibration under {p.name} + fingerprint; {use}.")
+    if export is not None:
+        console.print(f"wrote {len(result.rows)} point(s) to {export} (paste under the profile's calibration:)")

@@ -37,7 +37,8 @@ def _trial_figures(store, trial) -> dict:
         # how long the model behind val_bpb was trained: with rungs, trials stop at different budgets
         "bpb_tokens": (trial.train or {}).get("tokens"), "rung": (trial.train or {}).get("rung"),
         "feasible": {"complete": trial.feasible, "infeasible": False}.get(trial.state),
-        "label": m.get("label"), "decode_ms": m.get("decode_ms"), "prefill_ms": m.get("prefill_ms"),
+        "label": m.get("label"), "fingerprint": _fingerprint(m), "decode_ms": m.get("decode_ms"),
+        "prefill_ms": m.get("prefill_ms"),
         "peak_memory_mb": m.get("peak_memory_mb"), "model_mb": m.get("model_mb"),
         "failed_stage": trial.failed_stage, "failure_reason": trial.failure_reason,
         "seconds": trial.seconds, "artifact_dir": trial.artifact_dir,
@@ -46,6 +47,22 @@ def _trial_figures(store, trial) -> dict:
         "beats_bigram": None if trial.val_bpb is None or not base.get("bigram_bpb")
         else trial.val_bpb < base["bigram_bpb"],
     }
+
+
+def _fingerprint(summary: dict) -> str | None:
+    prov = summary.get("provenance") or {}
+    return prov.get("fingerprint") or (prov.get("host") or {}).get("fingerprint")
+
+
+def _newer(store, trial) -> dict | None:
+    """A measurement of the trial's architecture taken after the one it was scored with."""
+    if not trial.measurement_id:
+        return None
+    row = store.newer_measurement(id=trial.measurement_id)
+    if row is None:
+        return None
+    return {"id": row.id, "label": row.label, "fingerprint": row.fingerprint, "decode_ms": row.decode_ms_per_token,
+            "prefill_ms": row.prefill_ms, "created_at": row.created_at.isoformat(timespec="seconds")}
 
 
 def _open_store(db: str):
@@ -59,6 +76,8 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
         st = store.get_study(name=study)
         front = store.pareto(study=study)
         rows = [_trial_figures(store, t) for t in front]
+        for r, t in zip(rows, front, strict=True):
+            r["newer_measurement"] = _newer(store, t)
         noise = store.noise(study=study)
     close = noise.within({r["number"]: r["val_bpb"] for r in rows if r["val_bpb"] is not None}) if noise else {}
     for r in rows:
@@ -95,6 +114,12 @@ def print_pareto(db: str, study: str, as_json: bool) -> None:
                       f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "",
                       f"{r['model_mb']:.1f}" if r["model_mb"] is not None else "", r["label"] or "")
     console.print(table)
+    for r in rows:  # re-measurements: shown beside the trial's figures, which stay as it was scored
+        n = r["newer_measurement"]
+        if n:
+            console.print(f"  #{r['number']} measured again {n['created_at']}: decode {n['decode_ms']:.3f} ms/tok, "
+                          f"prefill {n['prefill_ms']:.2f} ms, {n['label']} (fingerprint {n['fingerprint']}); the "
+                          f"row above is what the trial was scored with", highlight=False)
 
 
 def _bpb_cell(row: dict, rungs: int) -> str:

@@ -35,10 +35,11 @@ from nas.spec.settings import check_study_name, default_study_name
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``trial``, ``measure``, ``search`` to ``app``."""
+    """Add ``trial``, ``measure``, ``search``, ``remeasure`` to ``app``."""
     app.command()(trial)
     app.command()(measure)
     app.command()(search)
+    app.command()(remeasure)
 
 
 def trial(
@@ -458,3 +459,90 @@ def _run_search(cfg: SearchConfig, events: SearchEvents, stop: threading.Event, 
         return s.run(n_trials=trials, timeout_s=timeout)
     finally:
         s.close()
+
+
+def remeasure(
+    study: Annotated[str, typer.Argument(help="The study whose Pareto front to measure again.")],
+    db: DbOpt = None,
+    top: Annotated[int | None, typer.Option(help="Only the N front trials with the best BPB (default: the whole "
+                                                 "front).", min=1)] = None,
+    ray_address: Annotated[str | None, typer.Option(help="For a `where: ray` profile: HOST:PORT of the cluster whose "
+                                                         "node advertises the profile's ray_resource.")] = None,
+    device: Annotated[str | None, typer.Option(help="The study's profile as a YAML path, when it is not one of "
+                                                    "hw_profiles/ (it must have the study's profile name).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure a study's Pareto front again on the device as it is now and show what moved.
+
+    Each front trial's architecture is exported again and measured where its profile is
+    measured: here (`where: local`), on the Ray node advertising the profile's resource (with
+    --ray-address), or else estimated by the device's latency model as it is now (with the
+    points `nas devices calibrate` stored). The new figures are stored as new measurement rows
+    (labelled, fingerprinted, provenance.remeasure_of naming the trial); the trials keep the
+    objectives Optuna was told, and `nas pareto` and the plots show the newer figures beside
+    them. Prints per trial the old and new decode and prefill ms, their ratio and where each
+    was taken (label and fingerprint), and whether the front's membership or its order by
+    decode latency changes with the new figures.
+    """
+    from nas.search.remeasure import remeasure_front
+    from nas.store import Store
+
+    log = err_console if as_json else console
+    with Store(db_url(db)) as store, log.status("measuring the front again…") as status:
+        result = remeasure_front(store, study, device=device, top=top, ray_address=ray_address,
+                                 progress=status.update)
+    if as_json:
+        print(json.dumps({"study": study, "where": result.where, "front_before": result.front_before,
+                          "front_after": result.front_after, "order_before": result.order_before,
+                          "order_after": result.order_after,
+                          "trials": [{"number": mv.trial.number, "old": mv.old.summary() if mv.old else None,
+                                      "new": mv.new.summary(), "over_budget": mv.over_budget,
+                                      "decode_ratio": mv.ratio("decode_ms"), "prefill_ratio": mv.ratio("prefill_ms")}
+                                     for mv in result.moved]}, indent=2, default=str))
+        return
+    _print_remeasured(result)
+
+
+def _taken(row) -> str:
+    """A measurement's label and the fingerprint of the machine its figures rest on."""
+    if row is None:
+        return "–"
+    prov = row.provenance
+    fp = prov.get("fingerprint") or (prov.get("host") or {}).get("fingerprint")
+    digest = prov.get("model_digest")
+    where = f" · fp {fp}" if fp else ""
+    return row.label + where + (f" · model {digest}" if digest else "")
+
+
+def _old_new(mv, key: str) -> tuple[str, str]:
+    old = mv.old.summary().get(key) if mv.old is not None and mv.old.ok else None
+    new = mv.new.summary().get(key)
+    ratio = mv.ratio(key)
+    return (f"{old:.4g} → {new:.4g}" if old is not None else f"– → {new:.4g}"), (f"{ratio:.2f}x" if ratio else "–")
+
+
+def _print_remeasured(result) -> None:
+    table = Table(title=f"Remeasured front of {result.study} on {result.where}",
+                  caption="old: the figures the trial was scored with (kept); new: this run's, stored as new "
+                          "measurement rows. ratio = new / old.")
+    for col in ("trial", "architecture", "decode ms", "ratio", "prefill ms", "ratio", "old: label · fingerprint",
+                "new: label · fingerprint"):
+        table.add_column(col, overflow="fold", justify="left" if col in ("architecture",) or ":" in col else "right")
+    for mv in result.moved:
+        decode, d_ratio = _old_new(mv, "decode_ms")
+        prefill, p_ratio = _old_new(mv, "prefill_ms")
+        over = f" [red](over: {', '.join(mv.over_budget)})[/red]" if mv.over_budget else ""
+        table.add_row(f"#{mv.trial.number}", (mv.trial.arch_summary or "") + over, decode, d_ratio, prefill, p_ratio,
+                      _taken(mv.old), _taken(mv.new))
+    console.print(table)
+    dropped = [n for n in result.front_before if n not in result.front_after]
+    if dropped:
+        console.print(f"front membership changes: {', '.join(f'#{n}' for n in dropped)} would leave the front "
+                      f"with the new figures (dominated by another front trial, or over a budget)")
+    else:
+        console.print("front membership: unchanged with the new figures (among the trials remeasured)")
+    old = " < ".join(f"#{n}" for n in result.order_before)
+    new = " < ".join(f"#{n}" for n in result.order_after)
+    console.print(f"order by decode latency: unchanged ({new})" if old == new else
+                  f"order by decode latency changes: {old} before, {new} now")
+    console.print("the trials keep the figures they were scored with; `nas pareto` shows the newer ones beside them")

@@ -85,6 +85,11 @@ class TrialPoint:
     baselines: dict[str, float] = field(default_factory=dict)
     """``unigram_bpb`` and ``bigram_bpb`` of the trial's own tokenizer on the same validation
     text (what counting alone achieves), and its ``vocab_size`` where the search stored it."""
+    fingerprint: str | None = None
+    """The fingerprint of the machine its latency figures rest on (an estimate's: the host's)."""
+    newer: dict[str, Any] | None = None
+    """A measurement of its architecture taken after the one it was scored with (``nas
+    remeasure``): label, fingerprint, decode_ms, prefill_ms, created_at. Front trials only."""
 
     @property
     def beats_bigram(self) -> bool | None:
@@ -206,7 +211,8 @@ def load_study(
 ) -> StudyData:
     """Read study ``name`` through the store: trials, their measurements, the front, the budgets.
 
-    Three queries whatever the size (trials, front, the profile's measurements), plus one per
+    Three queries whatever the size (trials, front, the profile's measurements), two per front
+    trial (a newer measurement of its architecture), plus one per
     architecture that ``cache`` does not hold when ``specs`` (the dimension figure and colouring by
     a spec field need them; the Pareto figure does not). Without a ``cache`` the specs are kept for
     this call only. ``max_points`` keeps the front, the running and the failed trials, and thins
@@ -224,7 +230,10 @@ def load_study(
     points = []
     for t in trials:
         spec = cache.spec(store, t.arch_id) if specs else None
-        points.append(_point(t, measurements.get(t.measurement_id), spec, t.number in front))  # type: ignore[arg-type]
+        point = _point(t, measurements.get(t.measurement_id), spec, t.number in front)  # type: ignore[arg-type]
+        if point.on_front and t.measurement_id is not None:  # a query per front trial: the front is small
+            point = replace(point, newer=_newer(store.newer_measurement(id=t.measurement_id)))
+        points.append(point)
     return StudyData(study=study, points=points, budgets=_budgets(points), db=store.url, noise=store.noise(study=name))
 
 
@@ -278,8 +287,15 @@ def _point(t: TrialRow, m: Any, spec: dict[str, Any] | None, on_front: bool) -> 
         summary=t.arch_summary, arch_id=t.arch_id, label=m.label if m is not None else None, figures=figures,
         spread=spread, spec=spec, stage=t.failed_stage, reason=t.failure_reason, constraints=dict(t.constraints or {}),
         started_at=t.started_at, finished_at=t.finished_at, bpb_tokens=(t.train or {}).get("tokens"),
-        baselines=_baselines(t, spec),
+        baselines=_baselines(t, spec), fingerprint=m.fingerprint if m is not None else None,
     )  # fmt: skip
+
+
+def _newer(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {"label": row.label, "fingerprint": row.fingerprint, "decode_ms": row.decode_ms_per_token,
+            "prefill_ms": row.prefill_ms, "created_at": row.created_at}
 
 
 def _baselines(t: TrialRow, spec: dict[str, Any] | None) -> dict[str, float]:

@@ -77,13 +77,19 @@ def hover_text(p: TrialPoint, extra: str = "") -> str:
             verdict = "" if p.beats_bigram else " · <b style='color:#b00'>not below its bigram baseline</b>"
             lines.append(f"baselines of its tokenizer: bigram {b['bigram_bpb']:.4f}, unigram "
                          f"{b.get('unigram_bpb', float('nan')):.4f}{verdict}")
-    where = html.escape(p.label or "no measurement")
+    where = html.escape((p.label or "no measurement") + (f" · fingerprint {p.fingerprint}" if p.fingerprint else ""))
     if "decode_ms" in f:
         lo, hi = p.spread.get("decode_ms", (None, None))
         band = f" (p10 {fmt(lo)}, p90 {fmt(hi)})" if lo is not None else ""
         lines.append(f"decode {f['decode_ms']:.4g} ms/token{band} <i>{where}</i>")
     if "prefill_ms" in f:
         lines.append(f"prefill {f['prefill_ms']:.4g} ms <i>{where}</i>")
+    if p.newer:
+        n = p.newer
+        lines.append(f"measured again {n['created_at']:%Y-%m-%d %H:%M}: decode {n['decode_ms']:.4g} ms/token, "
+                     f"prefill {n['prefill_ms']:.4g} ms <i>{html.escape(n['label'])}"
+                     f"{' · fingerprint ' + html.escape(n['fingerprint']) if n['fingerprint'] else ''}</i> "
+                     f"(the point is placed by the figures it was scored with)")
     mem = [f"{SHORT[k]} {fmt(f[k], k)}" for k in ("peak_memory_mb", "model_mb", "params") if k in f]
     if mem:
         lines.append(" · ".join(mem))
