@@ -136,7 +136,8 @@ def remeasure_front(store: Store, study: str, *, device: str | None = None, top:
         spec = store.get_architecture(arch_id=t.arch_id).spec  # type: ignore[arg-type]
         progress(f"trial {t.number} ({i + 1}/{len(trials)}): {spec.summary()} on {where}")
         with tempfile.TemporaryDirectory(prefix="nas-remeasure-") as tmp:
-            exported = export_spec(spec, Path(tmp), model=fresh_distinct_model(spec))
+            exported = export_spec(spec, Path(tmp), model=fresh_distinct_model(spec),
+                                   graph="deploy")  # the graph a trial measures
             m = measure(spec, exported.path.parent, progress)
         old = store.get_measurement(id=t.measurement_id) if t.measurement_id else None
         m = dataclasses.replace(m, provenance={**m.provenance, "remeasure_of": {
