@@ -148,6 +148,8 @@ def test_train_stops_at_max_steps_then_resumes_on_the_same_curve_and_exports(exp
     from nas.stages.export import load_exported, ort_session, run_cached
 
     deployed = load_exported(folder / "trained" / "onnx")
+    # the graph the search measured and scored: the deployment graph, or the plain one saying why
+    assert deployed.graph == "gqa" or (deployed.graph == "plain" and deployed.graph_note), deployed.graph_note
     logits, _ = run_cached(ort_session(deployed), deployed, np.array([[1, 2, 3, 4]], dtype=np.int64), None)
     assert logits.shape == (1, 4, spec.vocab_size) and np.isfinite(logits).all()
     saved = torch.load(folder / "trained" / "model.pt", weights_only=True)

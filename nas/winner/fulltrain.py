@@ -599,7 +599,7 @@ def _finish(export: WinnerExport, model: Decoder, run: RunConfig, tc: TokenizedC
                 "train_config": run.train_config().model_dump()}, out / "model.pt")
     ev.message(f"exporting to ONNX and quantizing to {spec.bitwidth} bits")
     onnx_dir = out / "onnx"
-    exported = export_spec(spec, onnx_dir, model=model)
+    exported = export_spec(spec, onnx_dir, model=model, graph="deploy")  # the graph the search measured and scored
     onnx_bpb = score_bpb_onnx(exported, tc, run.eval_tokens, threads=min(4, os.cpu_count() or 1)).bpb
     hf_dir = None
     if not llama_incompatibilities(spec):

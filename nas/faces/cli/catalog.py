@@ -240,7 +240,7 @@ def calibrate(
     for i in range(n):
         spec = dataclasses.replace(sp.sample(rng), bitwidth=32)  # fp32: the rates above are fp32's
         with tempfile.TemporaryDirectory() as tmp, log.status(f"reference {i + 1}/{n}: {spec.summary()}"):
-            m = measure_local(export_spec(spec, Path(tmp)).path.parent, spec, host)
+            m = measure_local(export_spec(spec, Path(tmp), graph="deploy").path.parent, spec, host)
         past, prompt = m.workload["context_tokens"], m.workload["prompt_tokens"]
         decode_gbs = spec.decode_bytes(past) / (m.decode.median_ms / 1e3) / 1e9
         prefill_gflops = spec.prefill_flops(prompt) / (m.prefill.median_ms / 1e3) / 1e9
