@@ -80,7 +80,7 @@ def measure_noise(store: Store, study: str, train: TrainConfig, plan: RungPlan, 
     if noise is not None and noise.std is not None:
         events.message(f"seed noise of BPB at {noise.tokens:,} tokens: std {noise.std:.4f} over {len(noise.seeds)} "
                        f"seeds ({', '.join(f'{b:.4f}' for b in noise.bpbs)}); BPBs closer than "
-                       f"{2 * noise.std:.4f} are within noise of each other")
+                       f"{noise.NOISE_GAP * noise.std:.4f} are within noise of each other")
     return noise
 
 

@@ -25,6 +25,14 @@ def is_estimated(label: str | None) -> bool:
     return bool(label) and str(label).startswith("estimated:")
 
 
+def beats_bigram(bpb: float | None, baselines: dict[str, Any] | None) -> bool | None:
+    """Whether a BPB is below the bigram baseline of its own tokenizer (``baselines["bigram_bpb"]``,
+    on the same validation text); None when either is missing. A model that is not has learned
+    nothing that counting pairs of tokens would not: every view flags it by this one rule."""
+    bigram = (baselines or {}).get("bigram_bpb")
+    return None if bigram is None or bpb is None else bpb < bigram
+
+
 def measured_on(node: str) -> str:
     """The label of a figure measured on a Ray node that advertises a device."""
     return f"measured:{node}"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from nas.spec.arch import ArchSpec
 from nas.spec.errors import NasError
-from nas.spec.results import LatencyStats, Measurement
+from nas.spec.results import LatencyStats, Measurement, beats_bigram
 
 if TYPE_CHECKING:
     from nas.spec.profile import CalibrationPoint
@@ -180,6 +180,11 @@ class TrialRow:
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+    @property
+    def beats_bigram(self) -> bool | None:
+        """BPB below its tokenizer's bigram baseline (``nas.spec.results.beats_bigram``)."""
+        return beats_bigram(self.val_bpb, self.baselines)
 
 
 @dataclass(frozen=True, kw_only=True)

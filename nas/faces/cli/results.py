@@ -44,8 +44,7 @@ def _trial_figures(store, trial) -> dict:
         "seconds": trial.seconds, "artifact_dir": trial.artifact_dir,
         # what counting alone achieves with the trial's own tokenizer, on the same validation text
         "bigram_bpb": base.get("bigram_bpb"), "unigram_bpb": base.get("unigram_bpb"),
-        "beats_bigram": None if trial.val_bpb is None or not base.get("bigram_bpb")
-        else trial.val_bpb < base["bigram_bpb"],
+        "beats_bigram": trial.beats_bigram,
     }
 
 

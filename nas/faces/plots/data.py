@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from nas.spec.results import beats_bigram
 from nas.store import NoiseRow, Store, StudyRow, TrialRow
 
 MIB = 2**20
@@ -95,8 +96,7 @@ class TrialPoint:
     def beats_bigram(self) -> bool | None:
         """Whether the trial's BPB is below its tokenizer's bigram baseline (None: either is
         missing). A trial that is not has learned nothing that counting pairs would not."""
-        bigram, bpb = self.baselines.get("bigram_bpb"), self.figures.get("val_bpb")
-        return None if bigram is None or bpb is None else bpb < bigram
+        return beats_bigram(self.figures.get("val_bpb"), self.baselines)
 
     @property
     def over_budget(self) -> bool:
