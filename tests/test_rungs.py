@@ -40,8 +40,13 @@ def test_crowding_prefers_the_extremes_and_sparse_points():
     assert d[3] > d[1] and d[3] > d[2]
 
 
-def test_the_top_third_at_a_rung_goes_on_and_the_first_arrival_always_does():
-    assert decide(7, {7: (2.0, 1.0)}, eta=3).goes_on  # nothing to compare with yet
+def test_the_top_third_at_a_rung_goes_on_once_eta_trials_reached_it():
+    # a grace of one cohort: the first eta - 1 arrivals stop, however good
+    first = decide(7, {7: (2.0, 1.0)}, eta=3)
+    assert not first.goes_on and first.kept == 0 and "none goes on before 3 reach it" in str(first)
+    assert not decide(7, {7: (2.0, 1.0), 8: (3.0, 3.0)}, eta=3).goes_on
+    assert decide(7, {7: (2.0, 1.0), 8: (3.0, 3.0), 9: (3.1, 3.1)}, eta=3).goes_on  # the top 1 of 3
+    assert decide(7, {7: (2.0, 1.0), 8: (3.0, 3.0)}, eta=2).goes_on  # eta 2: the top 1 of 2
     # BPB at the rung and decode ms: 0 and 2 are on the front, 1 is dominated by both
     peers = {0: (2.0, 1.0), 1: (2.5, 2.0), 2: (2.2, 0.5), 3: (3.0, 3.0), 4: (2.9, 2.9), 5: (2.8, 2.8)}
     kept = [n for n in peers if decide(n, peers, eta=3).goes_on]

@@ -287,28 +287,36 @@ RUNGS = ["--space", "tiny", "--max-bytes", "300000", "--rungs", "3", "--eta", "3
 def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
     # --trials counts trials' worth of training: a trial stopped at a rung counts its share
-    r = nas(["search", *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "3", "--db", db], env, tmp_path)
+    r = nas(["search", *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "1", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rung 1 (2,048 tokens): BPB" in r.stdout and "goes on" in r.stdout
+    # a grace of one cohort: the first two trials at a rung stop, whatever they score
+    assert "stops: 1 of 1 at this rung, none goes on before 3 reach it" in r.stdout
     ostudy = optuna.load_study(study_name="tiny-host", storage=db)
     by_number = {t.number: t for t in ostudy.trials}
     with Store(db) as store:
         complete = [t for t in store.trials(study="tiny-host") if t.state == "complete"]
         assert len(complete) >= 3
         reached = {}
+        reused = {t.number: t for t in complete if "weights_of" in t.train}
         for t in complete:
             rungs = store.trial_rungs(study="tiny-host", number=t.number)
-            assert [g.rung for g in rungs] == list(range(t.train["rung"] + 1))  # in order, none skipped
-            budgets = [2048, 6144, 18432][: len(rungs)]
-            assert [g.tokens for g in rungs] == t.train["rung_tokens"][: len(rungs)] == budgets
+            budgets = [2048, 6144, 18432][: t.train["rung"] + 1]
+            if t.number in reused:  # scored on another trial's weights, at that trial's rung only
+                assert [g.rung for g in rungs] == [t.train["rung"]] and rungs[0].tokens == budgets[-1]
+            else:
+                assert [g.rung for g in rungs] == list(range(t.train["rung"] + 1))  # in order, none skipped
+                assert [g.tokens for g in rungs] == t.train["rung_tokens"][: len(rungs)] == budgets
+                reached[t.number] = t.train["rung"]
             assert t.val_bpb == rungs[-1].val_bpb and t.train["tokens"] == rungs[-1].tokens
             # each rung's BPB is an Optuna intermediate value of the trial, at step = tokens
             assert by_number[t.number].intermediate_values == {g.tokens: g.val_bpb for g in rungs}
-            reached[t.number] = t.train["rung"]
         by_arch = {t.number: t.arch_id for t in complete}
+        specs = {t.number: store.get_architecture(arch_id=t.arch_id).spec for t in complete}
         counted = [t for t in store.trials(study="tiny-host") if not (t.state == "infeasible"
                                                                      and t.failed_stage == "sample")]
-        shares = [max(2048, (t.train or {}).get("tokens", 0)) / 18432 for t in counted]
+        shares = [0.1 if "weights_of" in (t.train or {}) else max(2048, (t.train or {}).get("tokens", 0)) / 18432
+                  for t in counted]
         noise = store.noise(study="tiny-host")
         first_rung = store.trial_rungs(study="tiny-host", number=min(reached))[0]
     # the seed spread, once: the first complete trial's architecture under 2 more seeds, to rung 1
@@ -317,14 +325,24 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
     assert noise.std is not None and noise.std > 0 and len(set(noise.bpbs)) == 3
     assert r.stdout.count("seed noise: training trial") == 2 and "seed noise of BPB at 2,048 tokens: std" in r.stdout
     first = min(reached)
-    assert reached[first] == 2  # the first trial at a rung has no one to lose to
-    assert min(reached.values()) < 2, reached  # and some stopped below the top
-    assert sum(shares) >= 3 - 1e-9 and sum(shares[:-1]) < 3  # it ran until 3 trials' worth, not one more
+    assert reached[first] == 0  # the first trial stopped at rung 1: nothing to rank it against
+    assert max(reached.values()) >= 1, reached  # a later one went on
+    # the first trial landed on the front: its architecture at the space's 3 other bitwidths,
+    # scored on its weights (no training), trials of their own
+    assert sorted(specs[t].bitwidth for t, row in reused.items() if row.train["weights_of"] == first) == sorted(
+        {32, 16, 8, 4} - {specs[first].bitwidth})
+    for t, row in reused.items():
+        parent = row.train["weights_of"]
+        assert specs[t].to_dict() | {"bitwidth": specs[parent].bitwidth} == specs[parent].to_dict()
+        assert row.train["tokens"] == next(c.train["tokens"] for c in complete if c.number == parent)
+        assert f"on trial {parent}'s weights" in r.stdout
+    assert "is on the front: its architecture at" in r.stdout
+    assert sum(shares) >= 1 - 1e-9 and sum(shares[:-1]) < 1  # it ran until 1 trial's worth, not one more
     assert len(counted) > 3  # trials stopped early cost less than one each: more of them ran
     # stdout is not a terminal here: a progress line after every counted trial, for a log file
     progress = [line for line in r.stdout.splitlines() if line.startswith("progress: ")]
     assert len(progress) == len(counted)
-    assert progress[-1].startswith(f"progress: {len(counted)} trials, {sum(shares):.2f} of 3 trials' worth")
+    assert progress[-1].startswith(f"progress: {len(counted)} trials, {sum(shares):.2f} of 1 trials' worth")
     assert "trials' worth of training)" in r.stdout  # the closing line says it too
     r = nas(["search", *RUNGS[:-4], "--rungs", "1", "--tokens", "18432", "--device", "host", "--trials", "1",
              "--db", db], env, tmp_path)
@@ -338,7 +356,7 @@ def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, t
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "art" / "tiny-host" / "checkpoints"
     try:
-        # the first trial always goes on from rung 1: its checkpoint appears, then it trains on
+        # a trial that goes on from rung 1 saves its checkpoint there, then trains on
         _wait_for(lambda: any(checkpoints.glob("*.json")), 600, "a checkpoint after the first rung")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -772,6 +772,30 @@ def test_a_trial_stopped_at_an_early_rung_never_hides_one_trained_longer(store):
     assert plain.tolist() == [False, True, False]
 
 
+def test_a_trial_scored_at_one_rung_only_is_compared_there_only(store):
+    # A trained to rung 1 (2.5 -> 2.2); B is A's architecture at another bitwidth, scored on A's
+    # rung-1 weights (2.25, faster) and recorded at rung 1 alone; C stopped at rung 0 with 2.4.
+    new_study(store)
+    rows = {"A": (1, {0: 2.5, 1: 2.2}, 2.0), "B": (2, {1: 2.25}, 1.0), "C": (3, {0: 2.4}, 1.5)}
+    for n, bpbs, decode in rows.values():
+        arch = store.upsert_architecture(spec=spec(d_model=64 * n))
+        store.start_trial(study="s", number=n, arch_id=arch.arch_id)
+        for k, bpb in bpbs.items():
+            store.record_rung(study="s", number=n, rung=k, tokens=4096 * 3**k, val_bpb=bpb, seconds=1.0 + k,
+                              only=n == 2)
+        last = bpbs[max(bpbs)]
+        store.finish_trial(study="s", number=n, val_bpb=last, objectives={"val_bpb": last, "decode_ms": decode})
+    assert [g.rung for g in store.trial_rungs(study="s", number=2)] == [1]
+    assert [r.number for r in store.rung_results(study="s", rung=0)] == [1, 3]  # B has no rung-0 score
+    # at rung 0 C (2.4, 1.5 ms) beats A (2.5, 2.0 ms) and is not compared with B, which has no
+    # rung-0 score (its 2.25 at rung 1 would have hidden C); at rung 1 A and B trade off
+    assert {t.number for t in store.refresh_pareto(study="s")} == {1, 2, 3}
+    with pytest.raises(StoreError, match="in order"):  # only a trial's first rung may skip the ones below
+        store.start_trial(study="s", number=4, arch_id=store.upsert_architecture(spec=spec(d_model=320)).arch_id)
+        store.record_rung(study="s", number=4, rung=0, tokens=4096, val_bpb=2.0, seconds=1.0)
+        store.record_rung(study="s", number=4, rung=2, tokens=4096 * 9, val_bpb=1.9, seconds=2.0, only=True)
+
+
 def test_a_measurement_is_reused_only_under_the_fingerprint_it_was_taken_with(store):
     a = store.upsert_architecture(spec=spec()).arch_id
     key = {"arch_id": a, "profile": "host", "bitwidth": 32}

@@ -68,6 +68,16 @@ def test_brief_training_lowers_the_loss_and_beats_uniform_bytes(stdlib_512):
     assert after.loss == pytest.approx(after.nll_bits * math.log(2) / after.tokens)
 
 
+def test_the_trained_weights_do_not_depend_on_the_bitwidth(stdlib_512):
+    # what lets the search score a front architecture's other bitwidths on its weights
+    # (nas.search.trial: weights_of) instead of training each again
+    cfg = CFG.model_copy(update={"tokens": 4096})
+    a, _ = train_brief(tiny_spec(bitwidth=32), stdlib_512, cfg)
+    b, _ = train_brief(tiny_spec(bitwidth=4), stdlib_512, cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_training_is_reproducible_for_a_seed(stdlib_512):
     cfg = CFG.model_copy(update={"tokens": 4096})
     _, a = train_brief(tiny_spec(), stdlib_512, cfg)

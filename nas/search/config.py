@@ -51,6 +51,12 @@ class SearchConfig:
     """Extra training seeds of one architecture that measure the study's seed spread of BPB
     (``nas.search.noise``); None: 2 with rungs (they train to the first rung only), 0 without
     (they would cost two whole trainings: ask for them)."""
+    other_bitwidths: bool | None = None
+    """When a trial lands on the front, queue its architecture at the space's other bitwidths as
+    trials of their own that take its trained weights instead of training (quantization comes
+    after training, so training again would give the same weights): each costs a measurement and
+    a score, and shows what another bitwidth of a front architecture gains or loses. None: on
+    with rungs (a search of many cheap trials), off without (one trial per draw, as ever)."""
     stage_deadline_factor: float = 10.0
     """The export and score stages fail a trial past this many times their normal cost
     (``nas.search.deadline``)."""
@@ -61,6 +67,11 @@ def noise_seeds(cfg: SearchConfig) -> int:
     if cfg.noise_seeds is not None:
         return cfg.noise_seeds
     return 2 if cfg.rungs > 1 else 0
+
+
+def other_bitwidths(cfg: SearchConfig) -> bool:
+    """Whether front trials' other bitwidths are queued (``SearchConfig.other_bitwidths``)."""
+    return cfg.other_bitwidths if cfg.other_bitwidths is not None else cfg.rungs > 1
 
 
 class SearchEvents:

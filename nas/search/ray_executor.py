@@ -44,7 +44,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.search.config import SearchEvents
+from nas.search.config import SearchEvents, other_bitwidths
 from nas.spec.errors import NasError
 from nas.spec.results import ESTIMATED_MODEL, Measurement, measured_on
 
@@ -224,10 +224,13 @@ def _tune(ray: Any, driver: Search, cfg: SearchConfig, opts: RayOptions, resourc
     config = {"cfg": cfg, "measure_on": measure_on, "deadline": deadline, "n_trials_hint": n_trials,
               # with rungs a trial counts its share of the budget (RungPlan.share): workers stop
               # starting trials once the study's trials since this moment add up to n_trials
-              "units": n_trials if driver.rungs.count > 1 else None, "run_started": time.time()}
+              "units": n_trials if driver.rungs.count > 1 or other_bitwidths(cfg) else None,
+              "run_started": time.time()}
     samples = n_trials if n_trials is not None else 1_000_000
-    if n_trials is not None and driver.rungs.count > 1:
-        samples = math.ceil(n_trials / driver.rungs.share(0))
+    if n_trials is not None and (driver.rungs.count > 1 or other_bitwidths(cfg)):
+        # enough Tune samples for the cheapest trials: those stopped at the first rung, and those
+        # that score another trial's weights; workers stop at the trials' worth asked for
+        samples = math.ceil(n_trials / min(driver.rungs.share(0), driver.rungs.share(0, reused=True)))
     storage = tempfile.mkdtemp(prefix="nas-tune-")
     try:
         tuner = tune.Tuner(
@@ -313,7 +316,7 @@ class _RelayMixin:
             return  # "skipped": started after the deadline
         self.counts["invalid"] += int(result.get("invalid", 0))
         self.counts[state] += 1
-        self.units += self.driver.rungs.share(int(result.get("tokens") or 0))
+        self.units += self.driver.rungs.share(int(result.get("tokens") or 0), reused=bool(result.get("reused")))
         self.counts["trial_units"] = round(self.units, 3)
         self.events.trials_done(self.units)
         number = result.get("number")
@@ -415,7 +418,8 @@ def _trainable(config: dict[str, Any]) -> None:
     events = search.events
     state, number, invalid = search.run_one(seed, config["n_trials_hint"])
     tune.report({"state": state, "number": number, "invalid": invalid, "worker": worker_id(),
-                 "summary": getattr(events, "last", ""), "tokens": search.last_tokens})
+                 "summary": getattr(events, "last", ""), "tokens": search.last_tokens,
+                 "reused": search.last_reused})
 
 
 class _LastSummary(SearchEvents):

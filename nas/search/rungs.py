@@ -12,9 +12,10 @@ it): the decision is taken when a trial reaches a rung, against the trials that 
 before, so no worker waits for a cohort, and several local workers or Ray workers share the
 rung results through the store. Optuna has no multi-objective pruner and Ray's schedulers rank
 one metric, so the rule is ours (after Schmucker et al., 2021, "Multi-objective asynchronous
-successive halving"). The first trials at a rung go on (the top 1/eta of one trial is that
-trial): early on, there is nothing to compare with, and stopping them would only waste what
-they cost.
+successive halving"). No trial goes on from a rung before ``eta`` trials have reached it (a
+grace of one cohort): otherwise the first trial of a study, drawn at random, would always train
+the whole budget (the top 1/eta of one trial is that trial), which on a small machine was a
+third of a 30-minute search spent on one architecture nobody chose.
 
 The schedule of every rung is the whole budget's (warm-up and cosine decay over ``tokens``), so
 a trial that goes on continues the very run it would have been, from where it stopped.
@@ -34,6 +35,12 @@ from nas.store import non_dominated
 
 class RungPlanError(NasError, ValueError):
     """Rungs that cannot be: fewer than one, a growth below 2, or no budget to split."""
+
+
+REUSED_SHARE = 0.1
+"""What a trial that reused another's trained weights counts for ``--trials``: its measure,
+export and scoring, which were 5-10% of a whole-budget trial's time (bench/README.md, "Cost of
+a trial"), rounded up."""
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,18 @@ class RungPlan:
     def top(self) -> int:
         return self.count - 1
 
-    def share(self, tokens: int) -> float:
+    def share(self, tokens: int, *, reused: bool = False) -> float:
         """How much of a trial a trial that trained ``tokens`` counts as, for ``--trials``: its
         share of the whole budget, and at least the first rung's share (a trial rejected before
         training still cost its measurement). With one rung every trial counts 1, as before. So
         ``--trials 10`` buys about ten whole-budget trainings whatever the rungs, and a user can
-        plan it from the cost of one trial."""
+        plan it from the cost of one trial.
+
+        A trial that trained nothing because it took another trial's weights (the same
+        architecture at another bitwidth: ``SearchConfig.other_bitwidths``) counts
+        ``REUSED_SHARE``, what its export and scoring cost beside a trial's training, in any plan."""
+        if reused:
+            return REUSED_SHARE
         if self.count == 1:
             return 1.0
         first = self.tokens()[0] / self.top_tokens
@@ -124,10 +137,13 @@ class Decision:
     peers: int
     """Trials at the rung, the deciding one included."""
     kept: int
-    """How many of them go on: ceil(peers / eta)."""
+    """How many of them go on: ceil(peers / eta), none while fewer than ``eta`` have arrived."""
+    eta: int = 3
 
     def __str__(self) -> str:
         verdict = "goes on" if self.goes_on else "stops"
+        if self.peers < self.eta:
+            return f"{verdict}: {self.position} of {self.peers} at this rung, none goes on before {self.eta} reach it"
         return f"{verdict}: {self.position} of {self.peers} at this rung, the top {self.kept} go on"
 
 
@@ -137,6 +153,6 @@ def decide(me: int, peers: Mapping[int, Sequence[float]], eta: int) -> Decision:
     if me not in peers:
         raise ValueError(f"trial {me} is not among the peers it is ranked with")
     order = ranking(peers)
-    kept = math.ceil(len(order) / eta)
+    kept = math.ceil(len(order) / eta) if len(order) >= eta else 0
     position = order.index(me) + 1
-    return Decision(goes_on=position <= kept, position=position, peers=len(order), kept=kept)
+    return Decision(goes_on=position <= kept, position=position, peers=len(order), kept=kept, eta=eta)

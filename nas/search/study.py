@@ -43,6 +43,7 @@ from nas.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchEvents, 
 from nas.search.rungs import RungPlan
 from nas.search.trial import (
     INTERNAL,
+    WEIGHTS_OF,
     RayMeasure,
     Resources,
     TrialEnv,
@@ -379,7 +380,7 @@ class Search:
             counts[state] += 1
             if state != "invalid":
                 counted += 1
-                done += self.rungs.share(self._last_record.tokens if self._last_record else 0)
+                done += self.rungs.share(self.last_tokens, reused=self.last_reused)
                 self.events.trials_done(done)
             self._stop_on_a_repeated_bug(last=n_trials is not None and done >= n_trials - 1e-9)
             if state == "invalid" and counts["invalid"] > 1000 + 10 * counted:
@@ -410,6 +411,11 @@ class Search:
         """Tokens the last trial run trained (0 when it trained none)."""
         return self._last_record.tokens if self._last_record is not None else 0
 
+    @property
+    def last_reused(self) -> bool:
+        """Whether the last trial run took another trial's weights instead of training."""
+        return self._last_record is not None and self._last_record.reused
+
     def units_since(self, started: float) -> float:
         """How many trials' worth (``RungPlan.share``) the study's trials started since ``started``
         (``time.time()``) have run, by every worker: finished ones by the tokens they trained,
@@ -419,7 +425,8 @@ class Search:
         for t in self.store.trials(study=self.cfg.study):
             if _naive_utc(t.started_at) < since or (t.state == "infeasible" and t.failed_stage == "sample"):
                 continue
-            total += self.rungs.share(int((t.train or {}).get("tokens") or 0))
+            train = t.train or {}
+            total += self.rungs.share(int(train.get("tokens") or 0), reused=WEIGHTS_OF in train)
         return total
 
     def _stop_on_a_repeated_bug(self, last: bool) -> None:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import optuna
 
-from nas.search.config import SearchConfig, SearchEvents
+from nas.search.config import SearchConfig, SearchEvents, other_bitwidths
 from nas.search.deadline import deadline, stage_deadline_s
 from nas.search.pipeline import Host, host_setup, measure_deployed
 from nas.search.rungs import RungPlan
@@ -54,7 +54,7 @@ from nas.spec.profile import (
     min_model_bytes,
     min_peak_memory_bytes,
 )
-from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, is_estimated, measured_on
+from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, beats_bigram, is_estimated, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
 from nas.store import Store
@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from nas.stages.train import BpbResult, TrainResult, TrainState
 
 MIB = 2**20
+WEIGHTS_OF = "weights_of"
+"""The user attribute of a queued trial that takes trial N's trained weights instead of training:
+the same architecture at another bitwidth (``SearchConfig.other_bitwidths``)."""
 RayMeasure = Callable[[ArchSpec, Path, HardwareProfile], Measurement]
 
 
@@ -86,6 +89,8 @@ class TrialRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
     """Tokens trained so far (over every rung): what the trial counts for (``RungPlan.share``)."""
+    reused: bool = False
+    """It trained nothing: it took another trial's weights (``WEIGHTS_OF``)."""
 
 
 class Resources:
@@ -214,7 +219,12 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
 
             tc = env.resources.tokenized(spec.vocab_size)
             trial_dir = _trial_dir(cfg, n)
-            trained = _train_and_score(spec, m, tc, trial_dir, template, env, clock)
+            parent = trial.user_attrs.get(WEIGHTS_OF)
+            if parent is not None:
+                record.reused = True
+                trained = _reuse_and_score(spec, int(parent), tc, trial_dir, template, env, clock)
+            else:
+                trained = _train_and_score(spec, m, tc, trial_dir, template, env, clock)
 
             clock.enter("report")
             return _complete(trial, env, record, spec, m, measurement_id, constraints, trained, trial_dir)
@@ -298,6 +308,8 @@ class Trained:
     made_by: str
     rung: int
     rung_tokens: list[int]
+    weights_of: int | None = None
+    """The trial whose trained weights these are, when this trial did not train."""
 
 
 def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
@@ -336,14 +348,74 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
             done.append({"rung": k, "tokens": result.tokens, "val_bpb": bpb.bpb, "seconds": round(result.seconds, 3)})
             env.store.record_rung(study=env.cfg.study, number=n, **done[-1])
             env.report_rung(n, result.tokens, bpb.bpb)
-        if k == plan.top:
+        if k == plan.top or not _goes_on(spec, m, env, n, k, bpb.bpb):
             break
+        # saved once it goes on (a trial that stops needs none): a trial killed on its way to
+        # the next rung is resumed from here by the retry of its architecture
         state.save(ckpt)
         atomic_write(ckpt.with_suffix(".json"), json.dumps(done))
-        if not _goes_on(spec, m, env, n, k, bpb.bpb):
-            break
     _drop_checkpoint(ckpt)
     return Trained(result, bpb, made_by, k, budgets)
+
+
+def _reuse_and_score(spec: ArchSpec, parent: int, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
+                     env: TrialEnv, clock: _StageClock) -> Trained:
+    """The score stage on trial ``parent``'s trained weights, as they were where it stopped: the
+    same architecture at another bitwidth needs no training of its own, since the weights do not
+    depend on the bitwidth (quantization follows training; same seed, same data order). The
+    trial is recorded at the parent's rung only (``Store.record_rung(only=True)``)."""
+    import torch
+
+    from nas.stages.model import build_model
+    from nas.stages.train import CurvePoint, TrainResult
+
+    cfg, n = env.cfg, clock.record.number
+    assert n is not None
+    clock.enter("score", f"trial {parent}'s trained weights at {spec.bitwidth} bits (no training)")
+    row = env.store.find_trial(study=cfg.study, number=parent)
+    if row is None or row.state != "complete" or not row.artifact_dir or not row.train:
+        raise NasError(f"trial {parent}'s trained weights cannot be reused: it is not a complete trial of "
+                       f"study {cfg.study!r}")
+    path = Path(row.artifact_dir) / "model.pt"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise NasError(f"trial {parent}'s trained weights cannot be reused: {path}: {e}") from None
+    if ArchSpec.from_dict(saved["spec"]).to_dict() | {"bitwidth": spec.bitwidth} != spec.to_dict():
+        raise NasError(f"trial {parent}'s weights ({path}) are another architecture's, not {spec.summary()}'s")
+    if saved.get("train_config") != env.train.model_dump():
+        raise NasError(f"trial {parent}'s weights ({path}) were trained under another budget than this study's")
+    model = build_model(spec)
+    model.load_state_dict(saved["state_dict"])
+    t = row.train
+    result = TrainResult(steps=int(t["steps"]), tokens=int(t["tokens"]), seconds=float(t["seconds"]),
+                         tokens_per_s=float(t["tokens_per_s"]), final_loss=float(t["final_loss"]),
+                         stopped_by=str(t["stopped_by"]), curve=tuple(CurvePoint(*p) for p in row.curve or []))
+    bpb, made_by = _score(spec, model, tc, trial_dir, template, env)
+    plan = env.rungs or RungPlan(env.train.tokens)
+    rung = int(t.get("rung") or 0)
+    if plan.count > 1:
+        env.store.record_rung(study=cfg.study, number=n, rung=rung, tokens=result.tokens, val_bpb=bpb.bpb,
+                              seconds=round(result.seconds, 3), only=True)
+        env.report_rung(n, result.tokens, bpb.bpb)
+    return Trained(result, bpb, made_by, rung, plan.tokens(), weights_of=parent)
+
+
+def _queue_other_bitwidths(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec) -> None:
+    """Queue the front trial's architecture at each other bitwidth of the space, each a trial that
+    takes its weights (``WEIGHTS_OF``); Optuna hands queued trials out before drawing new ones,
+    and skips parameters it has tried already."""
+    dim = next((d for d in env.space.dimensions if d.name == "bitwidth"), None)
+    if dim is None or dim.kind != "choices" or "bitwidth" not in trial.params:
+        return
+    others = [b for b in dim.choices if b != spec.bitwidth]
+    if not others:
+        return
+    for b in others:
+        trial.study.enqueue_trial(trial.params | {"bitwidth": b}, user_attrs={WEIGHTS_OF: trial.number},
+                                  skip_if_exists=True)
+    env.events.message(f"trial {trial.number} is on the front: its architecture at "
+                       f"{', '.join(f'{b} bits' for b in others)} is queued, on its trained weights (no training)")
 
 
 def _finished_rungs(ckpt: Path, spec: ArchSpec, env: TrialEnv) -> tuple[TrainState | None, list[dict]]:
@@ -513,6 +585,8 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
                "score_graph": made_by,
                # the rung whose BPB this is (0-based; the last is the whole budget) and every rung's budget
                "rung": trained.rung, "rung_tokens": trained.rung_tokens,
+               # the trial whose trained weights were scored here (this one trained nothing)
+               **({WEIGHTS_OF: trained.weights_of} if trained.weights_of is not None else {}),
                # where the trial's time went, per stage (measure includes export and
                # quantization; score includes the trained model's export)
                "stage_seconds": {k: round(v, 3) for k, v in record.seconds.items()}},
@@ -520,12 +594,16 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
         baselines=env.resources.baselines(spec.vocab_size), measurement_id=measurement_id,
         artifact_dir=str(trial_dir),
     )  # fmt: skip
-    env.store.refresh_pareto(study=cfg.study)
+    front = env.store.refresh_pareto(study=cfg.study)
     record.state = "complete"
     at = f" after {result.tokens:,} tokens (rung {trained.rung + 1})" if len(trained.rung_tokens) > 1 else ""
-    bigram = env.resources.baselines(spec.vocab_size)["bigram_bpb"]
-    flag = "" if bpb.bpb < bigram else f" [not below its bigram baseline {bigram:.3f}]"
+    if trained.weights_of is not None:
+        at += f" on trial {trained.weights_of}'s weights"
+    baselines = env.resources.baselines(spec.vocab_size)
+    flag = "" if beats_bigram(bpb.bpb, baselines) else f" [not below its bigram baseline {baselines['bigram_bpb']:.3f}]"
     env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}{at}{flag}, decode {m.decode_ms:.3f} ms ({m.label})")
+    if other_bitwidths(cfg) and trained.weights_of is None and any(t.number == n for t in front):
+        _queue_other_bitwidths(trial, env, spec)
     return [objectives[o] for o in cfg.objectives]
 
 

@@ -563,10 +563,15 @@ class Store:
 
     # --- rungs ---------------------------------------------------------------------------------
     def record_rung(
-        self, *, study: str, number: int, rung: int, tokens: int, val_bpb: float, seconds: float
+        self, *, study: str, number: int, rung: int, tokens: int, val_bpb: float, seconds: float,
+        only: bool = False,
     ) -> RungRow:
         """Record running trial ``number``'s score at ``rung``: validation bits per byte after
         ``tokens`` tokens and ``seconds`` of training so far.
+
+        ``only``: the trial was scored at this one rung and no other, because it did not train
+        but took another trial's weights as they were at that rung (another bitwidth of the same
+        architecture); it has no lower rungs, and is compared with other trials at this rung only.
 
         Written as it happens, while the trial runs, so that the search can rank it among the
         study's trials at that rung (:meth:`rung_results`). A trial's rungs arrive in order
@@ -592,7 +597,7 @@ class Store:
                     f"for the rungs it has"
                 )
             expected = 0 if last is None else last.rung + 1
-            if rung != expected:
+            if rung != expected and not (only and last is None):
                 raise StoreError(
                     f"cannot record {where}: its next rung is {expected} (a trial's rungs are recorded in order)"
                 )
@@ -838,7 +843,9 @@ def _front_at_common_rungs(ids: np.ndarray, points: np.ndarray, objs: Sequence[O
     that reached rung k, on their BPB *at rung k* (the rung both reached): a trial trained longer
     is never beaten by one that only looks better because it was scored earlier. A trial that
     stopped at rung k is on the front when nothing dominates it there; the front is every rung's
-    such trials. Without rungs (one score per trial) this is the plain non-dominated set.
+    such trials. Without rungs (one score per trial) this is the plain non-dominated set. A trial
+    scored at one rung only (another trial's weights at another bitwidth: ``record_rung(only=
+    True)``) has no BPB at the rungs below and is compared at its own rung only.
     """
     directions = [o.direction for o in objs]
     if not ids.size:
@@ -847,11 +854,12 @@ def _front_at_common_rungs(ids: np.ndarray, points: np.ndarray, objs: Sequence[O
     if not rungs or not bpb:
         return ids[non_dominated(points, directions)]
     # rungs are recorded in order from 0, so a trial that reached rung k has a BPB for every
-    # rung up to k; a trial without rungs counts as stopped at rung 0 with its own BPB
+    # rung up to k (but one scored at its rung only); a trial without rungs counts as stopped at
+    # rung 0 with its own BPB
     top = {int(t): max(rungs[int(t)]) if int(t) in rungs else 0 for t in ids}
     front: list[int] = []
     for k in sorted(set(top.values())):
-        reached = [i for i, t in enumerate(ids) if top[int(t)] >= k]
+        reached = [i for i, t in enumerate(ids) if top[int(t)] >= k and (int(t) not in rungs or k in rungs[int(t)])]
         at_k = points[reached].copy()
         for row, i in enumerate(reached):
             at_k[row, bpb[0]] = rungs.get(int(ids[i]), {}).get(k, at_k[row, bpb[0]])

@@ -354,6 +354,12 @@ def search(
                                                     "trainings).", min=0)] = None,
     eta: Annotated[int, typer.Option(help="With --rungs: the budget grows ETA times per rung and the top "
                                      "1/ETA go on.", min=2)] = 3,
+    other_bitwidths: Annotated[bool | None, typer.Option(help="When a trial lands on the front, queue its "
+                                                         "architecture at the space's other bitwidths as trials "
+                                                         "that score its trained weights (weights do not depend "
+                                                         "on the bitwidth, so they skip training: each costs a "
+                                                         "measurement and a score, and counts 0.1 of a trial). "
+                                                         "Default: on with --rungs, off without.")] = None,
     artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
     = Path("nas_artifacts"),
     require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
@@ -403,7 +409,7 @@ def search(
     cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device,
-                       rungs=rungs, eta=eta, noise_seeds=noise_seeds)
+                       rungs=rungs, eta=eta, noise_seeds=noise_seeds, other_bitwidths=other_bitwidths)
     stop = _stop_on_signals()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
