@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from filelock import FileLock
 
 STUDY = "tiny-host"
 # As tests/test_search.py: a 300 kB slice of the stdlib corpus, 8k training tokens per trial.
@@ -27,15 +28,23 @@ def nas(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -
 def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A finished 2-trial search of the tiny space, run once per test session through the CLI (its
     own cache and database) in a folder under the session's base temp dir. Users must only read
-    it: its database is the same for every module."""
-    root = tmp_path_factory.getbasetemp() / "tiny-search"
+    it: its database is the same for every module.
+
+    Under pytest-xdist every worker has a base temp dir of its own inside one shared by the run:
+    the search goes there, and a file lock makes the first worker that asks run it while the
+    others wait for it (a failed search is run again by the next one that asks)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / "tiny-search"
     env = dict(os.environ, NAS_CACHE_DIR=str(root / "cache"))
     db = f"sqlite:///{root / 'nas.db'}"
     done = root / "done"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        r = nas([*SEARCH, "--db", db], env, root)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        done.write_text("ok")
+    with FileLock(str(base / "tiny-search.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            r = nas([*SEARCH, "--db", db], env, root)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            done.write_text("ok")
     return SimpleNamespace(root=root, env=env, db=db)

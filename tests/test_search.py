@@ -176,6 +176,36 @@ def test_resuming_with_other_settings_is_refused(env, tmp_path):
     assert r.returncode == 2 and "train_config" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_drawn_architecture_trained_already_at_any_bitwidth_takes_those_weights(env, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", *FAST, "--device", "host", "--trials", "1", "--db", db], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with Store(db) as store:
+        (first,) = store.trials(study="tiny-host", states=["complete"])
+    ostudy = optuna.load_study(study_name="tiny-host", storage=db)
+    params = ostudy.trials[first.number].params
+    other = next(b for b in (32, 16, 8, 4) if b != params["bitwidth"])
+    # as a sampler would draw them: the same configuration again, and its bitwidth sibling (no
+    # weights_of attribute: nothing but the store says they were trained)
+    ostudy.enqueue_trial(params)
+    ostudy.enqueue_trial(params | {"bitwidth": other})
+    r = nas(["search", *FAST, "--device", "host", "--trials", "2", "--db", db], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("takes that trial's trained weights") == 2
+    with Store(db) as store:
+        rows = {t.number: t for t in store.trials(study="tiny-host", states=["complete"])}
+    twins = [t for t in rows.values() if t.number > first.number and (t.train or {}).get("weights_of") == first.number]
+    assert len(twins) == 2 and {store_bits(db, t.arch_id) for t in twins} == {params["bitwidth"], other}
+    same = next(t for t in twins if t.arch_id == first.arch_id)
+    assert same.val_bpb == first.val_bpb  # the same weights, the same deployed file: the same score
+    assert all(t.train["tokens"] == first.train["tokens"] and t.train["steps"] == first.train["steps"] for t in twins)
+
+
+def store_bits(db: str, arch_id: str) -> int:
+    with Store(db) as store:
+        return store.get_architecture(arch_id=arch_id).spec.bitwidth
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

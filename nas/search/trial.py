@@ -44,7 +44,7 @@ from nas.search.config import SearchConfig, SearchEvents, other_bitwidths
 from nas.search.deadline import deadline, stage_deadline_s
 from nas.search.pipeline import Host, host_setup, measure_deployed
 from nas.search.rungs import RungPlan
-from nas.spec.arch import ArchSpec
+from nas.spec.arch import BITWIDTHS, ArchSpec
 from nas.spec.errors import NasError
 from nas.spec.files import atomic_write
 from nas.spec.profile import (
@@ -220,6 +220,12 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
             tc = env.resources.tokenized(spec.vocab_size)
             trial_dir = _trial_dir(cfg, n)
             parent = trial.user_attrs.get(WEIGHTS_OF)
+            if parent is None:
+                parent = _trained_twin(spec, env)
+                if parent is not None:
+                    env.events.message(f"trial {n}: {spec.summary()} differs from trial {parent}'s architecture "
+                                       "at most in its bitwidth: it takes that trial's trained weights "
+                                       "instead of training them again")
             if parent is not None:
                 record.reused = True
                 trained = _reuse_and_score(spec, int(parent), tc, trial_dir, template, env, clock)
@@ -329,7 +335,8 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
     for r in done:  # a killed trial's finished rungs, under this trial's number
         env.store.record_rung(study=env.cfg.study, number=n, **r)
         env.report_rung(n, r["tokens"], r["val_bpb"])
-    if done and (len(done) == plan.count or not _goes_on(spec, m, env, n, len(done) - 1, done[-1]["val_bpb"])):
+    if done and (len(done) == plan.count or not _goes_on(spec, m, env, n, len(done) - 1, done[-1]["val_bpb"],
+                                                           done[-1]["tokens"])):
         # resumed at a rung where it now stops: its saved weights are that rung's
         model, result, _ = _train(spec, tc, env, n, until=done[-1]["tokens"], resume=state)
         clock.record.tokens = result.tokens
@@ -348,7 +355,7 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
             done.append({"rung": k, "tokens": result.tokens, "val_bpb": bpb.bpb, "seconds": round(result.seconds, 3)})
             env.store.record_rung(study=env.cfg.study, number=n, **done[-1])
             env.report_rung(n, result.tokens, bpb.bpb)
-        if k == plan.top or not _goes_on(spec, m, env, n, k, bpb.bpb):
+        if k == plan.top or not _goes_on(spec, m, env, n, k, bpb.bpb, result.tokens):
             break
         # saved once it goes on (a trial that stops needs none): a trial killed on its way to
         # the next rung is resumed from here by the retry of its architecture
@@ -356,6 +363,20 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
         atomic_write(ckpt.with_suffix(".json"), json.dumps(done))
     _drop_checkpoint(ckpt)
     return Trained(result, bpb, made_by, k, budgets)
+
+
+def _trained_twin(spec: ArchSpec, env: TrialEnv) -> int | None:
+    """The complete trial of this study that trained (not reused) the weights this architecture
+    would train: the same architecture at any bitwidth (weights do not depend on it). The sampler
+    draws a configuration again now and then, or the bitwidth sibling of one tried; training it
+    again would cost a whole trial for the same weights. Of several, the one that went furthest
+    up the rungs, then the first."""
+    ids = {ArchSpec.from_dict(spec.to_dict() | {"bitwidth": b}).arch_id for b in BITWIDTHS}
+    twins = [t for t in env.store.trials(study=env.cfg.study, states=["complete"])
+             if t.arch_id in ids and t.train and WEIGHTS_OF not in t.train and t.artifact_dir]
+    if not twins:
+        return None
+    return min(twins, key=lambda t: (-int(t.train.get("rung") or 0), t.number)).number  # type: ignore[union-attr]
 
 
 def _reuse_and_score(spec: ArchSpec, parent: int, tc: TokenizedCorpus, trial_dir: Path, template: Path | None,
@@ -440,15 +461,16 @@ def _finished_rungs(ckpt: Path, spec: ArchSpec, env: TrialEnv) -> tuple[TrainSta
     return state, done
 
 
-def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, bpb: float) -> bool:
-    """The rung rule for trial ``n`` at ``rung``, against every trial of the study that reached it
-    (failed ones left out: they were killed or broke, and their retries stand for them)."""
+def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, bpb: float, tokens: int) -> bool:
+    """The rung rule for trial ``n`` at ``rung`` (``bpb`` after ``tokens``, the rung's budget rounded up
+    to whole steps), against every trial of the study that reached it (failed ones left out: they
+    were killed or broke, and their retries stand for them)."""
     from nas.search.rungs import decide
 
     plan = env.rungs
     assert plan is not None
     if env.deadline is not None and time.time() > env.deadline:
-        env.events.message(f"trial {n} rung {rung + 1} ({plan.tokens()[rung]:,} tokens): BPB {bpb:.4f}, stops: "
+        env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, stops: "
                            "the search's time is up, so no trial goes on to another rung")
         return False
     rows = [r for r in env.store.rung_results(study=env.cfg.study, rung=rung) if r.state != "failed" and r.number != n]
@@ -463,7 +485,6 @@ def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, b
     mine = objective_values(spec, m, bpb)
     peers[n] = [mine.get(o, float("inf")) for o in env.cfg.objectives]
     d = decide(n, peers, plan.eta)
-    tokens = plan.tokens()[rung]
     env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, {d}")
     return d.goes_on
 
