@@ -66,8 +66,8 @@ if TYPE_CHECKING:
 
 MIB = 2**20
 WEIGHTS_OF = "weights_of"
-"""The user attribute of a queued trial that takes trial N's trained weights instead of training:
-the same architecture at another bitwidth (``SearchConfig.other_bitwidths``)."""
+"""The key, in a trial's training record, of trial N whose trained weights it scored instead of
+training: the same architecture at another bitwidth or at the same one (``_trained_twin``)."""
 RayMeasure = Callable[[ArchSpec, Path, HardwareProfile], Measurement]
 
 
@@ -219,14 +219,11 @@ def run_trial(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> list[f
 
             tc = env.resources.tokenized(spec.vocab_size)
             trial_dir = _trial_dir(cfg, n)
-            parent = trial.user_attrs.get(WEIGHTS_OF)
-            if parent is None:
-                parent = _trained_twin(spec, env)
-                if parent is not None:
-                    env.events.message(f"trial {n}: {spec.summary()} differs from trial {parent}'s architecture "
-                                       "at most in its bitwidth: it takes that trial's trained weights "
-                                       "instead of training them again")
+            parent = _trained_twin(spec, env)
             if parent is not None:
+                env.events.message(f"trial {n}: {spec.summary()} differs from trial {parent}'s architecture "
+                                   "at most in its bitwidth: it takes that trial's trained weights "
+                                   "instead of training them again")
                 record.reused = True
                 trained = _reuse_and_score(spec, int(parent), tc, trial_dir, template, env, clock)
             else:
@@ -367,10 +364,11 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
 
 def _trained_twin(spec: ArchSpec, env: TrialEnv) -> int | None:
     """The complete trial of this study that trained (not reused) the weights this architecture
-    would train: the same architecture at any bitwidth (weights do not depend on it). The sampler
-    draws a configuration again now and then, or the bitwidth sibling of one tried; training it
-    again would cost a whole trial for the same weights. Of several, the one that went furthest
-    up the rungs, then the first."""
+    would train: the same architecture at any bitwidth (weights do not depend on it). A front
+    trial's bitwidth siblings are queued for this (``_queue_other_bitwidths``), and the sampler
+    draws a configuration tried already now and then; training either again would cost a whole
+    trial for the same weights. Of several, the one that went furthest up the rungs, then the
+    first."""
     ids = {ArchSpec.from_dict(spec.to_dict() | {"bitwidth": b}).arch_id for b in BITWIDTHS}
     twins = [t for t in env.store.trials(study=env.cfg.study, states=["complete"])
              if t.arch_id in ids and t.train and WEIGHTS_OF not in t.train and t.artifact_dir]
@@ -424,8 +422,8 @@ def _reuse_and_score(spec: ArchSpec, parent: int, tc: TokenizedCorpus, trial_dir
 
 def _queue_other_bitwidths(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec) -> None:
     """Queue the front trial's architecture at each other bitwidth of the space, each a trial that
-    takes its weights (``WEIGHTS_OF``); Optuna hands queued trials out before drawing new ones,
-    and skips parameters it has tried already."""
+    takes its weights (``_trained_twin`` finds them); Optuna hands queued trials out before drawing
+    new ones, and skips parameters it has tried already."""
     dim = next((d for d in env.space.dimensions if d.name == "bitwidth"), None)
     if dim is None or dim.kind != "choices" or "bitwidth" not in trial.params:
         return
@@ -433,8 +431,7 @@ def _queue_other_bitwidths(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec) -
     if not others:
         return
     for b in others:
-        trial.study.enqueue_trial(trial.params | {"bitwidth": b}, user_attrs={WEIGHTS_OF: trial.number},
-                                  skip_if_exists=True)
+        trial.study.enqueue_trial(trial.params | {"bitwidth": b}, skip_if_exists=True)
     env.events.message(f"trial {trial.number} is on the front: its architecture at "
                        f"{', '.join(f'{b} bits' for b in others)} is queued, on its trained weights (no training)")
 
