@@ -44,7 +44,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.search.config import SearchEvents, other_bitwidths
+from nas.search.config import SearchEvents
 from nas.spec.errors import NasError
 from nas.spec.results import ESTIMATED_MODEL, Measurement, measured_on
 
@@ -224,12 +224,14 @@ def _tune(ray: Any, driver: Search, cfg: SearchConfig, opts: RayOptions, resourc
     config = {"cfg": cfg, "measure_on": measure_on, "deadline": deadline, "n_trials_hint": n_trials,
               # with rungs a trial counts its share of the budget (RungPlan.share): workers stop
               # starting trials once the study's trials since this moment add up to n_trials
-              "units": n_trials if driver.rungs.count > 1 or other_bitwidths(cfg) else None,
+              # (a reuse of another trial's weights counts its share with one rung too)
+              "units": n_trials,
               "run_started": time.time()}
     samples = n_trials if n_trials is not None else 1_000_000
-    if n_trials is not None and (driver.rungs.count > 1 or other_bitwidths(cfg)):
+    if n_trials is not None:
         # enough Tune samples for the cheapest trials: those stopped at the first rung, and those
-        # that score another trial's weights; workers stop at the trials' worth asked for
+        # that score another trial's weights; workers stop at the trials' worth asked for, and
+        # the run ends once one has (the samples left are not started one by one to be skipped)
         samples = math.ceil(n_trials / min(driver.rungs.share(0), driver.rungs.share(0, reused=True)))
     storage = tempfile.mkdtemp(prefix="nas-tune-")
     try:
@@ -302,6 +304,7 @@ class _RelayMixin:
         self.counts = {"complete": 0, "infeasible": 0, "failed": 0, "invalid": 0}
         self.running = 0
         self.units = 0.0
+        self.units_reached = False
         self._numbers: set[int] = set()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -313,7 +316,9 @@ class _RelayMixin:
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         state = result.get("state")
         if state not in self.counts:
-            return  # "skipped": started after the deadline
+            # "skipped": started after the deadline, or after the trials' worth asked for had run
+            self.units_reached = self.units_reached or result.get("why") == "units"
+            return
         self.counts["invalid"] += int(result.get("invalid", 0))
         self.counts[state] += 1
         self.units += self.driver.rungs.share(int(result.get("tokens") or 0), reused=bool(result.get("reused")))
@@ -355,7 +360,8 @@ def _first_line(path: str | None) -> str:
 
 class _StopMixin:
     """Tune's stopper (made one by ``_tune_hooks``): everything stops when ``stop`` is set; after
-    the deadline, once no trial is running (the running ones finish first, as in a local run)."""
+    the deadline, or once a worker found the trials' worth asked for run, as soon as no trial is
+    running (the running ones finish first, as in a local run)."""
     def __init__(self, stop: threading.Event, deadline: float | None, relay: Any) -> None:
         self.stop, self.deadline, self.relay = stop, deadline, relay
 
@@ -368,7 +374,8 @@ class _StopMixin:
     def stop_all(self) -> bool:
         if self.stop.is_set():
             return True
-        return self.deadline is not None and time.time() > self.deadline and self.relay.running <= 0
+        over = self.relay.units_reached or (self.deadline is not None and time.time() > self.deadline)
+        return over and self.relay.running <= 0
 
 
 # --- the workers -----------------------------------------------------------------------------------
@@ -410,7 +417,7 @@ def _trainable(config: dict[str, Any]) -> None:
         return
     search = _PROCESS_SEARCH.get(config["cfg"], config["measure_on"])
     if config["units"] is not None and search.units_since(config["run_started"]) >= config["units"] - 1e-9:
-        tune.report({"state": "skipped", "worker": worker_id()})  # the trials' worth asked for has run
+        tune.report({"state": "skipped", "why": "units", "worker": worker_id()})  # the trials' worth asked for has run
         return
     search.deadline = config["deadline"]
     trial_id = tune.get_context().get_trial_id() or ""

@@ -51,6 +51,8 @@ from nas.search.trial import (
     TrialRecord,
     bug_reason,
     run_trial,
+    same_weights,
+    trained_own,
 )
 from nas.spec.errors import NasError
 from nas.spec.profile import HardwareProfile, load_profile
@@ -226,6 +228,7 @@ class Search:
         self._last_record: TrialRecord | None = None
         self._bugs: list[str] = []  # the same internal error, trial after trial
         self._counted = 0
+        self._weights_memo: dict[str, frozenset[str]] = {}  # arch_id -> the ids that share its weights
         self._noise_done = False
         self.deadline: float | None = None
         """When the run's time budget ends (``time.time()``); set by ``run`` and the Ray
@@ -419,15 +422,29 @@ class Search:
     def units_since(self, started: float) -> float:
         """How many trials' worth (``RungPlan.share``) the study's trials started since ``started``
         (``time.time()``) have run, by every worker: finished ones by the tokens they trained,
-        the running ones by their first rung. Invalid draws count nothing."""
+        the running ones by their first rung, or as a reuse where a complete trial trained their
+        architecture's weights already (it will take them: ``_trained_twin``; counted at its first
+        rung, it would stop the workers short of the trials' worth once it has). Invalid draws
+        count nothing."""
         since = datetime.fromtimestamp(started, tz=UTC).replace(tzinfo=None)
+        trials = self.store.trials(study=self.cfg.study)
+        trained = {t.arch_id for t in trials if t.state == "complete" and trained_own(t)}
         total = 0.0
-        for t in self.store.trials(study=self.cfg.study):
+        for t in trials:
             if _naive_utc(t.started_at) < since or (t.state == "infeasible" and t.failed_stage == "sample"):
                 continue
             train = t.train or {}
-            total += self.rungs.share(int(train.get("tokens") or 0), reused=WEIGHTS_OF in train)
+            reused = WEIGHTS_OF in train
+            if t.state == "running" and t.arch_id:
+                reused = bool(self._same_weights(t.arch_id) & trained)
+            total += self.rungs.share(int(train.get("tokens") or 0), reused=reused)
         return total
+
+    def _same_weights(self, arch_id: str) -> frozenset[str]:
+        """``same_weights`` of a stored architecture, remembered (an architecture never changes)."""
+        if arch_id not in self._weights_memo:
+            self._weights_memo[arch_id] = same_weights(self.store.get_architecture(arch_id=arch_id).spec)
+        return self._weights_memo[arch_id]
 
     def _stop_on_a_repeated_bug(self, last: bool) -> None:
         """Raise SearchBroken once ``SAME_BUG_LIMIT`` counted trials in a row failed with the same

@@ -57,7 +57,7 @@ from nas.spec.profile import (
 from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, beats_bigram, is_estimated, measured_on
 from nas.spec.settings import TrainConfig
 from nas.spec.space import InvalidSample, SearchSpace
-from nas.store import Store
+from nas.store import Store, TrialRow
 
 if TYPE_CHECKING:
     from nas.stages.data import Corpus, TokenizedCorpus
@@ -362,6 +362,18 @@ def _train_and_score(spec: ArchSpec, m: Measurement, tc: TokenizedCorpus, trial_
     return Trained(result, bpb, made_by, k, budgets)
 
 
+def same_weights(spec: ArchSpec) -> frozenset[str]:
+    """The architecture ids whose trained weights ``spec``'s would be: ``spec`` at every bitwidth
+    (the weights are trained in full precision and quantized after)."""
+    return frozenset(ArchSpec.from_dict(spec.to_dict() | {"bitwidth": b}).arch_id for b in BITWIDTHS)
+
+
+def trained_own(t: TrialRow) -> bool:
+    """Whether complete trial ``t`` trained its weights itself (and kept them), so that a twin
+    can take them."""
+    return bool(t.train and WEIGHTS_OF not in t.train and t.artifact_dir)
+
+
 def _trained_twin(spec: ArchSpec, env: TrialEnv) -> int | None:
     """The complete trial of this study that trained (not reused) the weights this architecture
     would train: the same architecture at any bitwidth (weights do not depend on it). A front
@@ -369,9 +381,9 @@ def _trained_twin(spec: ArchSpec, env: TrialEnv) -> int | None:
     draws a configuration tried already now and then; training either again would cost a whole
     trial for the same weights. Of several, the one that went furthest up the rungs, then the
     first."""
-    ids = {ArchSpec.from_dict(spec.to_dict() | {"bitwidth": b}).arch_id for b in BITWIDTHS}
+    ids = same_weights(spec)
     twins = [t for t in env.store.trials(study=env.cfg.study, states=["complete"])
-             if t.arch_id in ids and t.train and WEIGHTS_OF not in t.train and t.artifact_dir]
+             if t.arch_id in ids and trained_own(t)]
     if not twins:
         return None
     return min(twins, key=lambda t: (-int(t.train.get("rung") or 0), t.number)).number  # type: ignore[union-attr]

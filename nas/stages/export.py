@@ -26,7 +26,7 @@ Choices, and why:
   as ``ArchSpec.activation_bytes`` and ``kv_cache_bytes_per_token`` assume, and a deployment that
   picks fp16 to save memory would not keep an fp32 cache. ``cache_spec`` and ``logits_dtype``
   carry the dtype, so callers need not know.
-- int8 is ``quantize_dynamic`` (int8 weights per tensor, activations quantized per call); int4 is
+- int8 is ``quantize_dynamic`` (8-bit weights per tensor, unsigned, activations quantized per call); int4 is
   ``MatMulNBitsQuantizer`` (weight-only, block ``INT4_BLOCK_SIZE``, ``accuracy_level=4``), which
   raises the file's opset to 21 for its int4 tensors. Both quantize every weight MatMul (the
   lm_head included) and the embedding Gather; the result records what left fp32, read from the
@@ -484,9 +484,15 @@ def _quantize_int8(exported: ExportedModel, path: Path) -> ExportedModel:
     # decode was 8% slower (0.28 vs 0.26 ms, 6M-param GQA model, 2 threads), and a search
     # ranks by both. The embedding Gather is quantized too: it ran, and it is a large share of a
     # small model (a 0.1M-param one: 140 kB with it, 183 kB without, same error).
+    # Unsigned weights (U8U8), not signed (U8S8): on an x86 CPU without VNNI (AVX2 only) ONNX
+    # Runtime multiplies uint8 x int8 with an instruction whose int16 sums saturate, and the
+    # int8 error then depends on the host's CPU: 4 `tiny` models at init had a relative logit
+    # error of 0.13-0.38 with signed weights on such a CPU against 0.07-0.09 unsigned (and
+    # 0.10 at most, signed, on CPUs with VNNI). A search must not score a model worse because
+    # of the CPU it happened to run on.
     quantize_dynamic(
         exported.path, path, op_types_to_quantize=["MatMul", "Gather"], per_channel=False,
-        weight_type=QuantType.QInt8, use_external_data_format=True,
+        weight_type=QuantType.QUInt8, use_external_data_format=True,
         extra_options={"MatMulConstBOnly": True},  # leave the attention's activation matmuls alone
     )
     return _quantized_result(exported, path, bitwidth=8)

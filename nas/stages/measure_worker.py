@@ -163,8 +163,9 @@ def _matmul_model(path: Path, m: int, k: int, n: int, dtype: str) -> None:
 
     rng = np.random.default_rng(0)
     if dtype == "int8":
-        # MatMulInteger: uint8 activations times int8 weights, int32 out (what int8 models run).
-        w = numpy_helper.from_array(rng.integers(-127, 127, size=(k, n), dtype=np.int8), "W")
+        # MatMulInteger: uint8 activations times uint8 weights, int32 out (what int8 models run:
+        # nas.stages.export quantizes weights unsigned).
+        w = numpy_helper.from_array(rng.integers(0, 255, size=(k, n), dtype=np.uint8), "W")
         node = helper.make_node("MatMulInteger", ["x", "W"], ["y"])
         x_type, y_type = TensorProto.UINT8, TensorProto.INT32
     else:
