@@ -128,3 +128,16 @@ def test_deploy_graph_measures_plain_and_deployment_graphs_per_bitwidth(tmp_path
     # What a machine's speed cannot change: the fused graph has fewer nodes than the plain one.
     assert all(rows[b, "deploy"]["nodes"]["file"] < rows[b, "plain"]["nodes"]["file"] for b in (32, 16, 8, 4))
     assert set(doc["summary"]["deploy_over_roofline"]) == {"fp32", "fp16", "int8", "int4"}
+
+
+def test_measure_noise_sets_each_loop_setting_beside_the_machines_floor(tmp_path: Path) -> None:
+    doc = run_bench("measure_noise", tmp_path)
+    summary = doc["summary"]
+    loops = [k for k in summary if not k.startswith("floor")]
+    assert len(loops) == 6 and any(k.startswith("floor") for k in summary)
+    for name, s in summary.items():
+        assert s["cv"] >= 0 and s["iqr_over_median"] >= 0 and s["max_over_median"] >= 1, name
+    for name in loops:  # two rounds: the median's change between them is a figure, not absent
+        assert summary[name]["run_to_run"] >= 0 and all(v > 0 for v in summary[name]["median_ms"].values())
+    assert all(len(v) == 2 for runs in doc["runs"].values() for v in runs.values())
+    assert doc["worker_decode_ms_round1"]["0"] > 0
