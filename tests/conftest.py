@@ -1,4 +1,5 @@
-"""Shared fixtures: a PostgreSQL server for the cases that must run against one.
+"""Shared fixtures: a PostgreSQL server for the cases that must run against one, and a quick
+search's arguments (`fast`).
 
 PostgreSQL is found at ``NAS_TEST_PG_URL`` (default: the local server, user postgres). Each test
 that needs it gets a database of its own, created through the server's ``postgres`` database
@@ -54,3 +55,11 @@ def fresh_pg_database(admin: Any) -> Iterator[str]:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A quick search's arguments on the fused tiny space (tests.search_helpers.fused_tiny_space): a 300 kB slice of
+    the corpus, 8k training tokens per trial."""
+    from tests.search_helpers import fused_tiny_space
+
+    space = fused_tiny_space(tmp_path_factory.mktemp("fused-space"))
+    return ["--space", str(space), "--max-bytes", "300000", "--tokens", "8192"]

@@ -25,7 +25,7 @@ import pytest
 from nas.spec.calibration import REFERENCE_SET
 from nas.store import Store
 from tests.measurements import measurement
-from tests.test_search import FAST, ROOT, _wait_for, nas
+from tests.test_search import ROOT, _wait_for, nas
 
 pytestmark = pytest.mark.slow
 
@@ -102,11 +102,11 @@ def cluster(env: dict[str, str]) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_options_without_the_ray_executor_or_with_no_head_are_one_line_errors(env, tmp_path):
+def test_ray_options_without_the_ray_executor_or_with_no_head_are_one_line_errors(env, fast, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *FAST, "--device", "host", "--trials", "1", "--db", db, "--workers", "2"], env, tmp_path)
+    r = nas(["search", *fast, "--device", "host", "--trials", "1", "--db", db, "--workers", "2"], env, tmp_path)
     assert r.returncode == 2 and "need --executor ray" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = nas(["search", *FAST, "--device", "host", "--trials", "1", "--db", db, "--executor", "ray",
+    r = nas(["search", *fast, "--device", "host", "--trials", "1", "--db", db, "--executor", "ray",
              "--ray-address", f"127.0.0.1:{_free_port()}"], env, tmp_path, timeout=120)
     assert r.returncode == 2 and "no Ray head answers" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -120,10 +120,10 @@ def device_profile(path: Path, resource: str) -> Path:
     return path
 
 
-def test_two_workers_measure_on_the_device_node(env, cluster, tmp_path):
+def test_two_workers_measure_on_the_device_node(env, fast, cluster, tmp_path):
     profile = device_profile(tmp_path / "standin.yaml", "stand_in_device")
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *FAST, "--device", str(profile), "--trials", "3", "--db", db, "--executor", "ray",
+    r = nas(["search", *fast, "--device", str(profile), "--trials", "3", "--db", db, "--executor", "ray",
              "--workers", "2", "--ray-address", cluster], env, tmp_path)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "Pareto front of tiny-standin" in r.stdout
@@ -139,7 +139,7 @@ def test_two_workers_measure_on_the_device_node(env, cluster, tmp_path):
             assert m.provenance["ray_node_name"] == DEVICE_NODE
         assert store.pareto(study="tiny-standin")
     # The same study resumes locally: a Ray run and a local run share it.
-    r = nas(["search", *FAST, "--device", str(profile), "--trials", "1", "--db", db], env, tmp_path)
+    r = nas(["search", *fast, "--device", str(profile), "--trials", "1", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -165,17 +165,17 @@ def test_calibrating_through_the_device_node_stores_points_labelled_with_it(env,
         assert store.calibration(profile="absent") == []
 
 
-def test_without_the_device_node_the_search_says_so_once_and_estimates(env, cluster, tmp_path):
+def test_without_the_device_node_the_search_says_so_once_and_estimates(env, fast, cluster, tmp_path):
     # The Pi 5 profile (datasheet facts, so it can be estimated) waiting for a device nobody joined.
     profile = tmp_path / "absent.yaml"
     profile.write_text((ROOT / "hw_profiles" / "rpi5.yaml").read_text().replace("ray_resource: rpi5",
                                                                                 "ray_resource: absent_device"))
-    r = nas(["search", *FAST, "--device", str(device_profile(tmp_path / "hostlike.yaml", "absent_device")),
+    r = nas(["search", *fast, "--device", str(device_profile(tmp_path / "hostlike.yaml", "absent_device")),
              "--trials", "1", "--db", f"sqlite:///{tmp_path / 'other.db'}", "--executor", "ray",
              "--ray-address", cluster], env, tmp_path)
     assert r.returncode == 2 and "cannot be estimated" in r.stderr, r.stderr[-2000:]
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *FAST, "--device", str(profile), "--trials", "1", "--db", db, "--executor", "ray",
+    r = nas(["search", *fast, "--device", str(profile), "--trials", "1", "--db", db, "--executor", "ray",
              "--ray-address", cluster, "--require-measured"], env, tmp_path)
     assert r.returncode == 2 and "absent_device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     # Points `nas devices calibrate` stored for this device earlier: the estimates fit them too.
@@ -186,7 +186,7 @@ def test_without_the_device_node_the_search_says_so_once_and_estimates(env, clus
                             prefill_ms=20.0, workload={"prompt_tokens": 64, "context_tokens": 256},
                             provenance={"fingerprint": "fp-pi", "device_facts": {"threads": 4}})
             store.add_calibration(run="r1", profile="absent", node="pi5-1", measurement=m)
-    r = nas(["search", *FAST, "--device", str(profile), "--trials", "2", "--db", db, "--executor", "ray",
+    r = nas(["search", *fast, "--device", str(profile), "--trials", "2", "--db", db, "--executor", "ray",
              "--ray-address", cluster], env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (r.stdout + r.stderr).count("no Ray node advertises 'absent_device'") == 1
@@ -199,9 +199,9 @@ def test_without_the_device_node_the_search_says_so_once_and_estimates(env, clus
         assert {(u["node"], u["fingerprint"]) for u in m.provenance["stored_calibration"]} == {("pi5-1", "fp-pi")}
 
 
-def test_a_worker_killed_mid_trial_fails_that_trial_and_the_search_goes_on(env, cluster, tmp_path):
+def test_a_worker_killed_mid_trial_fails_that_trial_and_the_search_goes_on(env, fast, cluster, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--tokens", "60000", "--device", "host", "--trials",
+    cmd = [sys.executable, "-m", "nas", "search", *fast, "--tokens", "60000", "--device", "host", "--trials",
            "3", "--db", db, "--executor", "ray", "--workers", "2", "--ray-address", cluster]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: dict[str, int] = {}
@@ -240,11 +240,11 @@ def _safe(predicate) -> bool:
         return False
 
 
-def test_sigterm_stops_a_ray_search_and_queues_its_running_trials_again(env, cluster, tmp_path):
+def test_sigterm_stops_a_ray_search_and_queues_its_running_trials_again(env, fast, cluster, tmp_path):
     import optuna
 
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    cmd = [sys.executable, "-m", "nas", "search", *FAST, "--tokens", "400000", "--device", "host", "--trials",
+    cmd = [sys.executable, "-m", "nas", "search", *fast, "--tokens", "400000", "--device", "host", "--trials",
            "4", "--db", db, "--executor", "ray", "--workers", "2", "--ray-address", cluster]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -269,9 +269,9 @@ def test_sigterm_stops_a_ray_search_and_queues_its_running_trials_again(env, clu
     assert len(waiting) >= len(stopped)
 
 
-def test_rungs_run_through_ray_workers_sharing_the_rung_results(env, cluster, tmp_path):
+def test_rungs_run_through_ray_workers_sharing_the_rung_results(env, fast, cluster, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", "--space", "tiny", "--max-bytes", "300000", "--rungs", "3", "--eta", "3", "--tokens", "18432",
+    r = nas(["search", *fast[:2], "--max-bytes", "300000", "--rungs", "3", "--eta", "3", "--tokens", "18432",
              "--device", "host", "--trials", "2", "--db", db, "--executor", "ray", "--workers", "2",
              "--ray-address", cluster], env, tmp_path)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
