@@ -129,7 +129,11 @@ def test_two_workers_measure_on_the_device_node(env, fast, cluster, tmp_path):
     assert "Pareto front of tiny-standin" in r.stdout
     with Store(db) as store:
         trials = [t for t in store.trials(study="tiny-standin") if t.failed_stage != "sample"]
-        assert len(trials) == 3, [(t.number, t.state, t.failure_reason) for t in trials]
+        # 3 trials' worth: 3 of their own (one more where a worker looked while the other's
+        # trial was between an invalid draw and the next: one per other worker at most), and any
+        # that took another trial's weights (0.1 of a trial each) on top, as in a local run
+        own = [t for t in trials if "weights_of" not in (t.train or {})]
+        assert 3 <= len(own) <= 4, [(t.number, t.state, t.failure_reason, t.train) for t in trials]
         assert all(t.state in ("complete", "infeasible") for t in trials), [t.failure_reason for t in trials]
         assert len({t.worker for t in trials}) >= 1
         measured = [store.get_measurement(id=t.measurement_id) for t in trials if t.measurement_id]
