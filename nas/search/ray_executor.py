@@ -275,9 +275,10 @@ def _tune_hooks(driver: Search, events: SearchEvents, stop: threading.Event, dea
     return relay, Stop(stop, deadline, relay)
 
 
-def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 15.0) -> None:
+def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 60.0) -> None:
     """Fail the trials of this host's workers that died (queued again within the retry limit);
-    after a stop, give the stopped workers a moment to exit first."""
+    after a stop, give the stopped workers time to exit first (it returns as soon as none is
+    left: 15 s was too short on a loaded 2-core machine, where a trial was left running)."""
     from nas.search.study import worker_alive, worker_id
 
     host = worker_id().rsplit(":", 1)[0]
