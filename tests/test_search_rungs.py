@@ -14,7 +14,6 @@ import optuna
 import pytest
 
 from nas.store import Store
-from tests.search_helpers import fused_tiny_space
 from tests.test_search import _wait_for, nas
 
 
@@ -24,15 +23,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return dict(os.environ, NAS_CACHE_DIR=str(tmp_path_factory.mktemp("search-rungs-cache")))
 
 
-@pytest.fixture(scope="module")
-def space(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The tiny space without MLA (search_helpers.fused_tiny_space)."""
-    return ["--space", str(fused_tiny_space(tmp_path_factory.mktemp("space")))]
-
-
-def test_a_drawn_architecture_trained_already_at_any_bitwidth_takes_those_weights(env, space, tmp_path):
+def test_a_drawn_architecture_trained_already_at_any_bitwidth_takes_those_weights(env, fast, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    fast = [*space, "--max-bytes", "300000", "--tokens", "8192"]
     r = nas(["search", *fast, "--device", "host", "--trials", "1", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     with Store(db) as store:
@@ -64,10 +56,10 @@ def store_bits(db: str, arch_id: str) -> int:
 RUNGS = ["--max-bytes", "300000", "--rungs", "3", "--eta", "3"]
 
 
-def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, space, tmp_path):
+def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, fast, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
     # --trials counts trials' worth of training: a trial stopped at a rung counts its share
-    r = nas(["search", *space, *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "1", "--db", db],
+    r = nas(["search", *fast[:2], *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "1", "--db", db],
             env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rung 1 (2,048 tokens): BPB" in r.stdout and "goes on" in r.stdout
@@ -125,14 +117,14 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
     assert len(progress) == len(counted)
     assert progress[-1].startswith(f"progress: {len(counted)} trials, {sum(shares):.2f} of 1 trials' worth")
     assert "trials' worth of training)" in r.stdout  # the closing line says it too
-    r = nas(["search", *space, *RUNGS[:-4], "--rungs", "1", "--tokens", "18432", "--device", "host", "--trials", "1",
+    r = nas(["search", *fast[:2], *RUNGS[:-4], "--rungs", "1", "--tokens", "18432", "--device", "host", "--trials", "1",
              "--db", db], env, tmp_path)
     assert r.returncode == 2 and "rungs" in r.stderr  # a study keeps its rungs
 
 
-def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, space, tmp_path):
+def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, fast, tmp_path):
     db = f"sqlite:///{tmp_path / 'nas.db'}"
-    args = ["search", *space, *RUNGS, "--tokens", "110592", "--device", "host", "--db", db, "--artifacts", "art"]
+    args = ["search", *fast[:2], *RUNGS, "--tokens", "110592", "--device", "host", "--db", db, "--artifacts", "art"]
     proc = subprocess.Popen([sys.executable, "-m", "nas", *args, "--trials", "2"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "art" / "tiny-host" / "checkpoints"
