@@ -14,7 +14,7 @@ import pytest
 from nas.spec.profile import latency_model, load_profile
 from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, LatencyStats, Measurement
 from nas.stages.estimate import calibrate_host, estimate
-from nas.stages.export import export_spec
+from nas.stages.export import EXPORT_FORMAT, export_spec
 from nas.stages.measure import MeasurementError, _failure_reason, measure_local
 from tests.test_arch import make
 
@@ -48,6 +48,9 @@ def test_local_measurement_is_labelled_and_carries_its_provenance(host_measureme
     assert m.prefill.median_ms > 0
     # the host profile asks for 256 cached tokens; a 64-token model is measured at its own limit
     assert m.workload["context_tokens"] == 63 and m.workload["prompt_tokens"] == 64
+    # what exported the files is part of the workload: a search reuses a stored figure only for
+    # files of the same export format (a figure of signed int8 weights is not one of unsigned)
+    assert m.workload["export_format"] == EXPORT_FORMAT == json.loads((exported / "model.json").read_text())["export_format"]
     files = [p for p in exported.iterdir() if p.is_file() and p.name.startswith("model.onnx")]
     assert m.model_bytes == sum(p.stat().st_size for p in files)
     assert m.peak_memory_bytes > m.model_bytes

@@ -342,6 +342,7 @@ def test_reuse_picks_the_latest_successful_measurement(store):
     assert store.find_measurement(**key, workload=w) == taken
     assert store.find_measurement(**key, workload={"prompt_tokens": 32}) is None
     assert store.find_measurement(**key, workload={**w, "batch": 1}) is None
+    assert store.find_measurement(**key, workload={**w, "export_format": 2}) is None  # files of an older exporter
     assert len(store.measurements(arch_id=a)) == 5
     # By id, newest first, past the 500-id chunk a long IN list is cut into; unknown ids are skipped.
     assert [m.id for m in store.measurements(ids=[old.id, taken.id, 10**9])] == [taken.id, old.id]

@@ -277,22 +277,21 @@ def _tune_hooks(driver: Search, events: SearchEvents, stop: threading.Event, dea
 
 def _recover_after(driver: Search, relay: Any, stopped: bool, wait_s: float = 60.0) -> None:
     """Fail the trials of this host's workers that died (queued again within the retry limit);
-    after a stop, give the stopped workers time to exit first (it returns as soon as none is
-    left: 15 s was too short on a loaded 2-core machine, where a trial was left running)."""
+    after a stop, give the stopped workers time to exit first (up to ``wait_s``: 15 s was too
+    short on a loaded 2-core machine). The recovery runs once no stopped worker is left alive, not
+    before the check: a worker that exits between a recovery and the check would leave its trial
+    "running" in the store."""
     from nas.search.study import worker_alive, worker_id
 
     host = worker_id().rsplit(":", 1)[0]
     end = time.monotonic() + wait_s
-    while True:
-        for number, reason in driver.recover().items():
-            relay.note_failed(number, f"its Ray worker stopped mid-trial: {reason}")
-        if not stopped:
-            return
+    while stopped and time.monotonic() < end:
         rows = driver.store.trials(study=driver.cfg.study, states=["running"])
-        alive = [r for r in rows if r.worker and r.worker.rsplit(":", 1)[0] == host and worker_alive(r.worker)]
-        if not alive or time.monotonic() > end:
-            return
+        if not any(r.worker and r.worker.rsplit(":", 1)[0] == host and worker_alive(r.worker) for r in rows):
+            break
         time.sleep(0.5)
+    for number, reason in driver.recover().items():
+        relay.note_failed(number, f"its Ray worker stopped mid-trial: {reason}")
 
 
 class _RelayMixin:

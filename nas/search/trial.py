@@ -265,7 +265,7 @@ def _sample(trial: optuna.Trial, env: TrialEnv, record: TrialRecord) -> ArchSpec
 def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement, int, Path | None]:
     """The labelled figures of the deployed model, their row's id, and the folder of the fresh
     export (None when the figures were reused from the store and nothing was exported)."""
-    from nas.stages.export import export_spec, fresh_distinct_model
+    from nas.stages.export import EXPORT_FORMAT, export_spec, fresh_distinct_model
     from nas.stages.measure import MeasurementError
 
     cfg, profile, w = env.cfg, env.profile, env.profile.workload
@@ -275,7 +275,7 @@ def _measure(spec: ArchSpec, env: TrialEnv, scratch: Path) -> tuple[Measurement,
     # the plain graph, stored before it or for another reason, is not reused for it).
     graph = "gqa" if unsupported_reason(spec) is None else "plain"
     workload = {"prompt_tokens": w.prefill_tokens(spec), "context_tokens": w.decode_past_tokens(spec),
-                "batch": w.batch, "graph": graph}
+                "batch": w.batch, "graph": graph, "export_format": EXPORT_FORMAT}
     # With the device in the cluster, an estimate cached from a run without it is not reused.
     labels = ["measured:*"] if cfg.require_measured or env.ray_measure is not None else None
     row = env.store.find_measurement(arch_id=spec.arch_id, profile=profile.name, bitwidth=spec.bitwidth,

@@ -68,9 +68,11 @@ class HostCalibration:
 def _calibration_path(host: HardwareProfile) -> Path:
     from nas.stages.data import cache_dir
 
-    # "best": rates from the fastest repeat (measure_worker.calibrate); an older cache file, from
-    # the median, has another name and is measured again rather than trusted.
-    return cache_dir() / "calibration" / f"{host.name}-{host.fingerprint}-best.json"
+    # The method in the name: "best", rates from the fastest repeat (measure_worker.calibrate);
+    # "u8": the int8 rate taken with unsigned weights, as the exporter quantizes them. A cache file
+    # of an older method (the median; signed int8 weights) has another name and is measured again
+    # rather than trusted.
+    return cache_dir() / "calibration" / f"{host.name}-{host.fingerprint}-best-u8.json"
 
 
 def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int = 10,

@@ -70,6 +70,10 @@ DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 22
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "model.json"  # the ExportedModel beside the files, for a measurer in another process
+EXPORT_FORMAT = 2
+"""The version of what the exporter and its quantizers write, in the manifest and in a measurement's
+workload: raised whenever a change here changes what measuring the files would read, so that a
+stored measurement of older files is not reused for new ones (2: int8 weights unsigned, U8U8)."""
 
 TiedStorage = Literal["untied", "duplicated", "shared"]
 
@@ -158,6 +162,7 @@ class ExportedModel:
     @classmethod
     def from_dict(cls, data: dict[str, Any], root: Path) -> ExportedModel:
         d = dict(data)
+        d.pop("export_format", None)  # the manifest's, not a field
         d["path"] = root / d["path"]
         d["files"] = tuple(root / f for f in d["files"])
         d["spec"] = ArchSpec.from_dict(d["spec"])
@@ -386,7 +391,8 @@ def _describe(path: Path, *, spec: ArchSpec, bitwidth: int, opset: int, input_na
         embedding_quantized=embedding_quantized, lm_head_quantized=lm_head_quantized, made_by=made_by,  # type: ignore[arg-type]
         graph=graph, max_positions=max_positions, graph_note=graph_note,  # type: ignore[arg-type]
     )
-    (path.parent / MANIFEST_FILE).write_text(json.dumps(exported.to_dict(), indent=1))
+    (path.parent / MANIFEST_FILE).write_text(json.dumps({**exported.to_dict(), "export_format": EXPORT_FORMAT},
+                                                        indent=1))
     return exported
 
 

@@ -151,6 +151,7 @@ def measure_local(
     runtime_profile = runtime or profile
     threads = runtime_profile.runtime.threads
     w = profile.workload
+    manifest = _manifest(Path(model_dir))
     workload = {
         "prompt_tokens": w.prefill_tokens(spec),
         "context_tokens": w.decode_past_tokens(spec),
@@ -159,7 +160,10 @@ def measure_local(
         "repeats": repeats,
         # Which graph ran (nas.stages.feeds): the deployment graph and the plain one of the same
         # spec differ by up to ~2x, so a figure of one is never reused for the other.
-        "graph": _graph_kind(Path(model_dir)),
+        "graph": manifest.get("graph", "plain"),
+        # What exported the files (nas.stages.export.EXPORT_FORMAT; None before it was recorded):
+        # a figure of older files is not reused for new ones.
+        "export_format": manifest.get("export_format"),
     }
     args = {
         "model_dir": str(Path(model_dir).resolve()),
@@ -205,12 +209,13 @@ def measure_local(
     )
 
 
-def _graph_kind(model_dir: Path) -> str:
-    """The exported model's graph kind from its manifest ("plain" for manifests without one)."""
+def _manifest(model_dir: Path) -> dict[str, Any]:
+    """The exported model's manifest (empty where it is missing or broken: manifests written
+    before the deployment graph are plain, and the worker reports a missing model itself)."""
     try:
-        return json.loads((model_dir / "model.json").read_text()).get("graph", "plain")
+        return json.loads((model_dir / "model.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return "plain"  # the worker reports a missing or broken model itself
+        return {}
 
 
 def _failure_reason(returncode: int, stderr: str) -> str:
