@@ -136,7 +136,8 @@ def main() -> None:
     from nas.stages.data import load_corpus, tokenize_corpus
 
     space = load_space(a.space)
-    settings = _settings(a)
+    # the space's training settings too: a run made under another batch or rate is not resumed
+    settings = {**_settings(a), "training": space.training.model_dump()}
     doc: dict[str, Any] = {"settings": settings, "archs": []}
     if a.out.exists():
         old = json.loads(a.out.read_text())

@@ -144,3 +144,13 @@ def test_measure_noise_sets_each_loop_setting_beside_the_machines_floor(tmp_path
         assert summary[name]["run_to_run"] >= 0 and all(v > 0 for v in summary[name]["median_ms"].values())
     assert all(len(v) == 2 for runs in doc["runs"].values() for v in runs.values())
     assert doc["worker_decode_ms_round1"]["0"] > 0
+
+
+def test_brief_schedule_trains_each_shape_at_each_batch_and_rate(tmp_path: Path) -> None:
+    doc = run_bench("brief_schedule", tmp_path)
+    runs = {(r["shape"], r["batch"], r["lr"]): r for r in doc["runs"]}
+    assert set(runs) == {(s, b, lr) for s in ("2x64", "4x64") for b in (8, 2) for lr in (3e-3, 1e-3)}
+    for (shape, batch, _), r in runs.items():  # a smaller batch is more steps over the same tokens
+        assert r["steps"] == math.ceil(doc["settings"]["tokens"] / (batch * 256)) and math.isfinite(r["bpb"])
+    again = run_bench("brief_schedule", tmp_path)  # the same settings again: nothing left to train
+    assert again["runs"] == doc["runs"]
