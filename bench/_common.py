@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -12,7 +13,7 @@ from typing import Any
 
 from nas.spec.latency import kendall_tau
 
-__all__ = ["cpu_model", "kendall_tau", "machine", "spread"]
+__all__ = ["cpu_model", "kendall_tau", "machine", "spread", "write_json"]
 
 
 def cpu_model() -> str:
@@ -38,3 +39,12 @@ def spread(values: Iterable[float]) -> dict[str, float]:
     v = [float(x) for x in values]
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
+
+
+def write_json(path: Path, doc: dict[str, Any], indent: int = 1) -> None:
+    """Write ``doc`` to ``path`` whole or not at all (a temporary file renamed over it): the
+    resumable benchmarks save after every run, and a kill mid-write must not lose the runs before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=indent))
+    os.replace(tmp, path)

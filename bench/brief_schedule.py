@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine
+from _common import machine, write_json
 
 
 def shape_spec(shape: str, vocab: int) -> Any:
@@ -96,13 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                 doc["machine"] = machine(threads=a.threads, torch=torch.__version__, device=a.device)
                 doc["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 doc["command"] = "bench/brief_schedule.py " + " ".join(sys.argv[1:] if argv is None else argv)
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = a.out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(doc, indent=2))
-                os.replace(tmp, a.out)
+                write_json(a.out, doc, indent=2)
     print(f"{'shape':>8} {'batch':>5} {'lr':>8} {'steps':>5} {'BPB':>7} {'tok/s':>6}")
     for r in sorted(doc["runs"], key=lambda r: (r["shape"], -r["batch"], -r["lr"])):
-        print(f"{r['shape']:>8} {r['batch']:>5} {r['lr']:>8.2e} {r['steps']:>5} {r['bpb']:>7.4f} {r['tokens_per_s']:>6}")
+        print(f"{r['shape']:>8} {r['batch']:>5} {r['lr']:>8.2e} {r['steps']:>5} {r['bpb']:>7.4f} "
+              f"{r['tokens_per_s']:>6}")
     print(f"wrote {a.out}")
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import kendall_tau, machine
+from _common import kendall_tau, machine, write_json
 
 
 def _settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -157,10 +156,7 @@ def main() -> None:
         doc["machine"] = machine(torch=torch.__version__, threads=a.threads, device=a.device)
         doc["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         doc["command"] = "bench/fidelity.py " + " ".join(sys.argv[1:])
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, a.out)
+        write_json(a.out, doc)
 
     base = space.training
     # every arch's first seed under every rule, then the reference, then the other seeds: a run cut

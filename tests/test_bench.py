@@ -150,7 +150,7 @@ def test_brief_schedule_trains_each_shape_at_each_batch_and_rate(tmp_path: Path)
     doc = run_bench("brief_schedule", tmp_path)
     runs = {(r["shape"], r["batch"], r["lr"]): r for r in doc["runs"]}
     assert set(runs) == {(s, b, lr) for s in ("2x64", "4x64") for b in (8, 2) for lr in (3e-3, 1e-3)}
-    for (shape, batch, _), r in runs.items():  # a smaller batch is more steps over the same tokens
+    for (_, batch, _), r in runs.items():  # a smaller batch is more steps over the same tokens
         assert r["steps"] == math.ceil(doc["settings"]["tokens"] / (batch * 256)) and math.isfinite(r["bpb"])
     again = run_bench("brief_schedule", tmp_path)  # the same settings again: nothing left to train
     assert again["runs"] == doc["runs"]

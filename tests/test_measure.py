@@ -50,7 +50,8 @@ def test_local_measurement_is_labelled_and_carries_its_provenance(host_measureme
     assert m.workload["context_tokens"] == 63 and m.workload["prompt_tokens"] == 64
     # what exported the files is part of the workload: a search reuses a stored figure only for
     # files of the same export format (a figure of signed int8 weights is not one of unsigned)
-    assert m.workload["export_format"] == EXPORT_FORMAT == json.loads((exported / "model.json").read_text())["export_format"]
+    manifest = json.loads((exported / "model.json").read_text())
+    assert m.workload["export_format"] == EXPORT_FORMAT == manifest["export_format"]
     files = [p for p in exported.iterdir() if p.is_file() and p.name.startswith("model.onnx")]
     assert m.model_bytes == sum(p.stat().st_size for p in files)
     assert m.peak_memory_bytes > m.model_bytes
