@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from nas.spec.files import atomic_write
 from nas.spec.latency import kendall_tau
 
 __all__ = ["cpu_model", "kendall_tau", "machine", "spread", "write_json"]
@@ -40,11 +41,7 @@ def spread(values: Iterable[float]) -> dict[str, float]:
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
 
-
 def write_json(path: Path, doc: dict[str, Any], indent: int = 1) -> None:
-    """Write ``doc`` to ``path`` whole or not at all (a temporary file renamed over it): the
+    """Write ``doc`` to ``path`` whole or not at all (``nas.spec.files.atomic_write``): the
     resumable benchmarks save after every run, and a kill mid-write must not lose the runs before."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=indent))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=indent))
