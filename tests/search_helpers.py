@@ -23,12 +23,14 @@ def fused_tiny_space(folder: Path) -> Path:
     """The ``tiny`` space without MLA, written to ``folder/tiny.yaml`` (so named that studies keep
     the names the tests read, ``tiny-DEVICE``).
 
-    Every draw of it has the deployment graph, built from the weights in well under a second,
-    where an MLA draw's plain graph costs a dynamo trace (~10 s here) in every trial, reuses of
-    its weights included: a rung test of 8 trials took 113 s on ``tiny`` and 14 s on this. For
-    the tests of the search's mechanics (rungs, reuse, resume, workers, budgets), which do not
-    depend on the attention kind; MLA is searched by test_search's first test and the shared
-    tiny search, and exported in test_export."""
+    Made when an MLA draw got the plain graph, a dynamo trace (~10 s here) in every trial, reuses
+    of its weights included: a rung test of 8 trials took 113 s on ``tiny`` and 14 s on this.
+    MLA has the deployment graph now (built from the weights in under a second), but its plain
+    graph is still traced where the deployment graph cannot go (d_model 48 at 8/4 bits, as for
+    every kind), and the tests of the search's mechanics (rungs, reuse, resume, workers, budgets)
+    do not depend on the attention kind, so they keep this space and its timings; MLA is searched
+    by test_search's first test and the shared tiny search, and exported in test_export and
+    test_deploy."""
     text = (Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml").read_text()
     fused = text.replace("attention: {choices: [mha, gqa, mqa, mla]}", "attention: {choices: [mha, gqa, mqa]}")
     assert fused != text, "search_spaces/tiny.yaml no longer lists its attention kinds as this expects"

@@ -49,13 +49,59 @@ def test_kernel_count_follows_the_fused_graph_rule():
     shared = spec(n_layers=8, layer_sharing="block_repeat", share_repeat=2)
     assert fused_kernels_per_step(shared) == fused_kernels_per_step(spec(n_layers=8))
     mla = spec(attention="mla", n_kv_heads=0, mla_latent_rank=64, mla_rope_dim=16)
-    assert fused_kernels_per_step(mla) == 8 * 14 + 6
+    assert fused_kernels_per_step(mla) == 8 * 15 + 6  # + down-projection, Split, latent norm, Concat
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_kernel_count_per_layer_is_the_built_deployment_graphs(attention, tmp_path):
+    import onnx
+
+    from nas.stages.deploy import build_deploy
+    from nas.stages.model import build_model
+
+    # GELU: one node in the built graph as in the count (SiLU is one QuickGelu there, two in the
+    # builder's graph the count follows)
+    kw = {"mla_latent_rank": 24, "mla_rope_dim": 8, "n_kv_heads": 0} if attention == "mla" else {}
+    counts = {}
+    for layers in (2, 4):
+        s = spec(attention=attention, n_layers=layers, d_model=64, n_heads=4, head_dim=16, vocab_size=300,
+                 context_length=32, activation="gelu", **kw)
+        exported = build_deploy(build_model(s), tmp_path / f"{attention}{layers}", 32)
+        counts[layers] = (len(onnx.load(str(exported.path), load_external_data=False).graph.node),
+                          fused_kernels_per_step(s))
+    built = (counts[4][0] - counts[2][0]) // 2
+    assert built == (counts[4][1] - counts[2][1]) // 2, counts
+
+
+def test_a_step_is_priced_on_the_heads_the_deployment_graph_runs():
+    from nas.spec.latency import deployed_attention, deployed_flops, deployed_params, kv_elements_per_token
+
+    # A Llama-like spec (head width a multiple of 16), as every public calibration point is: the
+    # fused graph's figures are the architecture's own.
+    s = spec(head_dim=32)
+    assert deployed_params(s) == s.params()
+    assert kv_elements_per_token(s) * s.activation_bytes == s.kv_cache_bytes_per_token()
+    assert deployed_flops(s, 1, 100) == s.decode_flops(100) and deployed_flops(s, 64, 0) == s.prefill_flops(64)
+    # A head width of 24 runs padded to 32: its cache and its Q/K/V/output weights grow by 32 / 24.
+    odd = spec(head_dim=24)
+    assert deployed_attention(odd) == (2, 32)
+    assert kv_elements_per_token(odd) * odd.activation_bytes == odd.kv_cache_bytes_per_token() * 32 // 24
+    assert deployed_params(odd) - odd.params() == 8 * (256 * (8 + 4) * 8 + 8 * 8 * 256)
+    # MLA: one kv head [rotary key | latent] (16 + 64 -> 80 wide), cached as key and value, and no
+    # rebuild of K and V from the latent per step: decode FLOPs grow with the context by the
+    # attention alone.
+    mla = spec(attention="mla", n_kv_heads=0, mla_latent_rank=64, mla_rope_dim=16)
+    assert deployed_attention(mla) == (1, 80)
+    assert kv_elements_per_token(mla) == 8 * 2 * 80
+    grow = deployed_flops(mla, 1, 1000) - deployed_flops(mla, 1, 0)
+    assert grow == 2 * 8 * 8 * 2 * 80 * 1000 < mla.decode_flops(1000) - mla.decode_flops(0)
+    assert decode_step(mla, 1000).flops == deployed_flops(mla, 1, 1000)
 
 
 def test_a_step_counts_kv_bytes_with_the_context_and_an_untied_input_table_once():
     s = spec(bitwidth=8)
     short, long = decode_step(s, 0), decode_step(s, 999)
-    per_position = s.kv_cache_bytes_per_token()
+    per_position = s.kv_cache_bytes_per_token()  # head_dim 32: no padding
     assert long.bytes - short.bytes == pytest.approx(999 * per_position)
     # tied or not, a step reads one vocab x d_model table (the lm_head) and gathers a row of the input one
     tied = spec(bitwidth=8, tied_embeddings=True)

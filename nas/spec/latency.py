@@ -25,8 +25,13 @@ bitwidth on a device::
   KV-cache bytes enter through the bandwidth term, which is what makes decode slow with context
   in proportion to KV bytes per token (docs/dependencies.md, "Devices").
 
-The kernel count is :func:`fused_kernels_per_step`, an analytic count of the fused deployment
-graph; when the deployment graph itself is built its real node count can replace it.
+Every figure of a step is the fused deployment graph's (``nas.stages.deploy``), which is what a
+device runs: :func:`fused_kernels_per_step` counts its kernels, and its bytes and FLOPs are
+those of the heads it really runs (``deployed_attention``): a head width padded to
+GroupQueryAttention's multiple of 16, and MLA as multi-query attention on its latent with its
+up-projections absorbed (no per-step rebuild of K and V, a cache of ``[rotary key | latent]``
+held as key and as value). For the Llama-like models of the public calibration points these are
+the architecture's own figures (``ArchSpec.decode_flops``, ``kv_cache_bytes_per_token``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,73 @@ Phase = Literal["decode", "prefill"]
 
 
 # --- what a step does, from the spec -------------------------------------------------------------
+GQA_MULTIPLE = 16
+"""ONNX Runtime's GroupQueryAttention on the CPU (1.32) takes a head width, and rotates a width,
+in multiples of 16 only."""
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def mla_layout(spec: ArchSpec) -> tuple[int, int, int]:
+    """Where the deployment graph's MLA puts what in its one kv head: ``(rotary, lead, width)``.
+    GroupQueryAttention rotates the first ``rotary`` slots (mla_rope_dim rounded up to 16) in
+    rotate-half pairs (i, i + rotary / 2), so the rotary key's halves sit at [0, dr/2) and
+    [rotary/2, rotary/2 + dr/2), with angle 0 on the pairs between; the latent follows at
+    [lead, lead + r), lead = rotary/2 + dr/2; the rest up to ``width`` (a multiple of 16) is
+    zeros, as are the slots between the rotary halves (none when dr is a multiple of 16)."""
+    dr, r = spec.mla_rope_dim, spec.mla_latent_rank
+    rotary = _round_up(dr, GQA_MULTIPLE)
+    lead = rotary // 2 + dr // 2
+    return rotary, lead, _round_up(lead + r, GQA_MULTIPLE)
+
+
+def deployed_attention(spec: ArchSpec) -> tuple[int, int]:
+    """``(kv heads, head width)`` of the fused graph's GroupQueryAttention: the spec's, with the
+    width padded to a multiple of 16; for MLA one kv head as wide as ``mla_layout`` says."""
+    if spec.attention == "mla":
+        return 1, mla_layout(spec)[2]
+    return spec.n_kv_heads, _round_up(spec.head_dim, GQA_MULTIPLE)
+
+
+def _deployed_attention_weights(spec: ArchSpec) -> int:
+    """Matrix elements of one layer's attention in the fused graph, the padding's zero rows
+    included (the kernels multiply them): Q/K/V and output at the deployed head width; for MLA
+    its absorbed query, its down-projection and its absorbed output."""
+    d, h = spec.d_model, spec.n_heads
+    kv, width = deployed_attention(spec)
+    if spec.attention == "mla":
+        return d * h * width + d * width + h * width * d
+    return d * (h + 2 * kv) * width + h * width * d
+
+
+def deployed_params(spec: ArchSpec) -> int:
+    """Parameters the fused graph stores: the spec's, with each unique layer's attention
+    matrices as ``_deployed_attention_weights`` counts them (the same for an unpadded GQA)."""
+    spec_matrices = spec.attention_params()
+    if spec.attention == "mla":  # the latent's norm is a vector, kept as it is
+        r = spec.mla_latent_rank
+        spec_matrices -= r if spec.norm == "rmsnorm" else 2 * r
+    return spec.params() + spec.unique_layers * (_deployed_attention_weights(spec) - spec_matrices)
+
+
+def deployed_linear_macs_per_token(spec: ArchSpec) -> int:
+    """Weight multiply-adds per token of the fused graph, every applied layer counted."""
+    per_layer = _deployed_attention_weights(spec) + spec.ffn_params()
+    return spec.n_layers * per_layer + spec.vocab_size * spec.d_model  # + lm_head
+
+
+def deployed_flops(spec: ArchSpec, tokens: int, past_tokens: int) -> int:
+    """FLOPs of one call of the fused graph on ``tokens`` new positions after ``past_tokens``
+    cached ones: the linear layers, and per head a score and a weighted sum over the deployed
+    width for every key a query sees."""
+    keys = tokens * past_tokens + tokens * (tokens + 1) // 2
+    _, width = deployed_attention(spec)
+    attention = spec.n_layers * spec.n_heads * 2 * width * keys
+    return 2 * (tokens * deployed_linear_macs_per_token(spec) + attention)
+
+
 def fused_kernels_per_step(spec: ArchSpec) -> int:
     """Kernels one forward step (a decode step, or a whole prompt's prefill) launches in a fused
     deployment graph, counted as the ONNX Runtime contrib ops that onnxruntime-genai's model
@@ -70,19 +142,20 @@ def fused_kernels_per_step(spec: ArchSpec) -> int:
     - FFN, gated: gate and up MatMuls, the activation, the multiply, the down MatMul; plain: up,
       activation, down. The activation is 2 ops for SiLU (Sigmoid and Mul), 1 for GELU or ReLU:
       gated SiLU 6, gated GELU 5, plain SiLU 4, plain GELU 3;
-    - MLA adds 3: the latent down-projection, its norm, the up-projection to K and V.
+    - MLA adds 4: its down-projection to [rotary key | latent], a Split, the latent's norm and a
+      Concat (its query replaces the packed QKV; its up-projections are absorbed).
 
     Per graph: the embedding (GatherBlockQuantized), the final norm, the lm_head, and 3 small ops
     preparing the sequence lengths and attention mask: 6.
 
     A gated-SiLU GQA model of 8 layers counts 8 x 11 + 6 = 94, near the ~99 nodes per step the
-    builder emitted for the 30M model of docs/dependencies.md. This is a count of the graph a
-    deployment runs, not of our plain export (~460 nodes): the fused graph's real node count
-    should replace it once the project builds that graph.
+    builder emitted for the 30M model of docs/dependencies.md; ``nas.stages.deploy`` builds 83
+    for it (it needs no mask ops and runs SiLU as one QuickGelu): within the per-graph constant.
+    This is a count of the graph a deployment runs, not of our plain export (~460 nodes).
     """
     act = 2 if spec.activation == "silu" else 1
     ffn = (3 + act + 1) if spec.ffn == "gated" else (2 + act)
-    per_layer = 5 + ffn + (3 if spec.attention == "mla" else 0)
+    per_layer = 5 + ffn + (4 if spec.attention == "mla" else 0)
     return spec.n_layers * per_layer + 6
 
 
@@ -93,15 +166,18 @@ def default_bits_per_weight(spec: ArchSpec) -> float:
 
 
 def weight_bytes_read(spec: ArchSpec, bits_per_weight: float) -> float:
-    """Weight bytes one step reads: every parameter but an untied input embedding, of which a
-    step gathers only its tokens' rows (a tied table is read whole, as the lm_head)."""
+    """Weight bytes one step reads: every parameter the fused graph stores (``deployed_params``)
+    but an untied input embedding, of which a step gathers only its tokens' rows (a tied table
+    is read whole, as the lm_head)."""
     untied_input = 0 if spec.tied_embeddings else spec.vocab_size * spec.d_model
-    return (spec.params() - untied_input) * bits_per_weight / 8
+    return (deployed_params(spec) - untied_input) * bits_per_weight / 8
 
 
 def kv_elements_per_token(spec: ArchSpec) -> int:
-    """KV-cache elements one position adds (K and V per applied layer; MLA's latent and rotary key)."""
-    return spec.kv_cache_bytes_per_token() // spec.activation_bytes
+    """KV-cache elements one position adds in the fused graph: K and V of every kv head per
+    applied layer at the deployed width (for MLA, its one ``[rotary key | latent]`` head twice)."""
+    kv, width = deployed_attention(spec)
+    return spec.n_layers * 2 * kv * width
 
 
 @dataclass(frozen=True)
@@ -122,7 +198,7 @@ def decode_step(spec: ArchSpec, past_tokens: int, *, bits_per_weight: float | No
     kvb = spec.activation_bytes if kv_bytes_per_element is None else kv_bytes_per_element
     kv = kv_elements_per_token(spec) * kvb * (past_tokens + 1)  # read the past, write the new one
     return Step("decode", DTYPE_OF_BITS[spec.bitwidth], weight_bytes_read(spec, bpw) + kv,
-                float(spec.decode_flops(past_tokens)), fused_kernels_per_step(spec))
+                float(deployed_flops(spec, 1, past_tokens)), fused_kernels_per_step(spec))
 
 
 def prefill_step(spec: ArchSpec, prompt_tokens: int, *, bits_per_weight: float | None = None,
@@ -132,7 +208,7 @@ def prefill_step(spec: ArchSpec, prompt_tokens: int, *, bits_per_weight: float |
     kvb = spec.activation_bytes if kv_bytes_per_element is None else kv_bytes_per_element
     kv = kv_elements_per_token(spec) * kvb * prompt_tokens
     return Step("prefill", DTYPE_OF_BITS[spec.bitwidth], weight_bytes_read(spec, bpw) + kv,
-                float(spec.prefill_flops(prompt_tokens)), fused_kernels_per_step(spec))
+                float(deployed_flops(spec, prompt_tokens, 0)), fused_kernels_per_step(spec))
 
 
 # --- the device's side ---------------------------------------------------------------------------
@@ -198,7 +274,7 @@ class LatencyModel:
     def peak_memory_bytes(self, weight_bytes: float, spec: ArchSpec, cached_tokens: int, batch: int = 1) -> int:
         """Weights held (the deployed file, or the analytic bytes) + KV cache at the workload's
         longest context + the runtime's own base."""
-        kv = spec.kv_cache_bytes_per_token() * cached_tokens * batch
+        kv = kv_elements_per_token(spec) * spec.activation_bytes * cached_tokens * batch
         return math.ceil(weight_bytes + kv + self.base_memory_mb * 2**20)
 
     def digest(self) -> str:

@@ -33,10 +33,26 @@ hold ``context_length`` positions (``max_positions``).
 A head_dim that is not a multiple of 16, which GroupQueryAttention refuses on the CPU, is padded
 with zeros to the next multiple (``padded_head_dim``): a cost a deployment on this runtime pays
 too, so it is measured, and the manifest's ``graph_note`` says so; the cache then has the padded
-width. What it cannot express (``unsupported_reason``), where ``nas.stages.export.export_spec``
-falls back to the plain graph and records why: MLA (GroupQueryAttention caches per-head K and V,
-MLA a latent; no fused op takes that cache), and at 8/4 bits a d_model that is not a multiple of
-the quantization block (the embedding's blocks run along d_model).
+width.
+
+MLA runs as multi-query attention on its latent, with the up-projections absorbed into the query
+and output weights (as DeepSeek-V2 deploys it; ``_mla_weights``): every head's score is
+``q_rope . k_rope + (W_uk^T q_content) . c`` and its output ``W_uv (softmax . c)``, so one
+GroupQueryAttention with a single kv head of width ``[rotary key | latent]`` computes it, with
+no per-step rebuild of K and V from the cached latent::
+
+      q  = MatMul(W_q absorbed)               (B, T, h * P)  per head [q_rope | W_uk^T q_content]
+      kv = MatMul(W_down) -> Split -> latent norm -> Concat   (B, T, P)  [k_rope | c]
+      GroupQueryAttention(q, kv, kv, ...; kv_num_heads=1, rotary on the first slots)
+      o  = MatMul(W_o absorbed: W_o W_uv per head)
+
+GroupQueryAttention takes one cache pair of equal widths, so the latent is cached twice (as key
+and as value), ``P`` padded to a multiple of 16 (``mla_layout``; ``graph_note`` gives the
+factor over the torch model's cache; the layout is ``nas.spec.latency.mla_layout``, whose
+figures the latency model prices). What it cannot express (``unsupported_reason``), where
+``nas.stages.export.export_spec`` falls back to the plain graph and records why: at 8/4 bits a
+d_model that is not a multiple of the quantization block (the embedding's blocks run along
+d_model).
 """
 
 from __future__ import annotations
@@ -51,6 +67,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from nas.spec.arch import BITWIDTHS, INT4_BLOCK_SIZE, ArchSpec
+from nas.spec.latency import deployed_attention, mla_layout
 from nas.stages.export import (
     MODEL_FILE,
     CacheInput,
@@ -68,18 +85,22 @@ Tensor = torch.Tensor
 
 DEPLOY_OPSET = 21
 _MS = "com.microsoft"
-GQA_HEAD_MULTIPLE = 16
-"""GroupQueryAttention on the CPU provider (ONNX Runtime 1.32) needs head_size % 16 == 0."""
 
 
 def padded_head_dim(spec: ArchSpec) -> int:
     """The head width the deployment graph runs: head_dim rounded up to GroupQueryAttention's
-    multiple of 16 (the padding is zeros, which change no dot product; see _pad_heads)."""
-    return -(-spec.head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+    multiple of 16 (the padding is zeros, which change no dot product; see _pad_heads); for
+    MLA the width of its one kv head (``nas.spec.latency.mla_layout``)."""
+    return deployed_attention(spec)[1]
 
 
 def padding_note(spec: ArchSpec) -> str:
     """What the padding costs, for the manifest; empty when head_dim needs none."""
+    if spec.attention == "mla":
+        r, dr, width = spec.mla_latent_rank, spec.mla_rope_dim, padded_head_dim(spec)
+        return (f"mla as multi-query attention on its latent (up-projections absorbed): one kv head of "
+                f"width {width} holding [rotary key | latent], cached as key and as value: the cache is "
+                f"{2 * width / (r + dr):.2f}x the spec's {r}+{dr} per token and layer")
     hd, hdp = spec.head_dim, padded_head_dim(spec)
     if hdp == hd:
         return ""
@@ -93,9 +114,6 @@ RMS_EPS, LN_EPS = 1e-6, 1e-5  # the torch model's (nas.stages.model._norm)
 def unsupported_reason(spec: ArchSpec, bitwidth: int | None = None) -> str | None:
     """Why ``spec`` has no deployment graph here (one line), or None when it has one."""
     bits = spec.bitwidth if bitwidth is None else bitwidth
-    if spec.attention == "mla":
-        return ("mla: its cache is a latent, and GroupQueryAttention (the fused attention op) "
-                "caches per-head K and V")
     if bits in (8, 4) and spec.d_model % INT4_BLOCK_SIZE:
         return (f"d_model {spec.d_model} is not a multiple of the {INT4_BLOCK_SIZE}-wide quantization "
                 "block of the embedding table")
@@ -190,15 +208,50 @@ class _Graph:
 
 
 def _rotary_tables(spec: ArchSpec, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (max_positions, head_dim / 2) as ``nas.stages.model.Rotary`` computes them
+    """cos and sin (max_positions, width / 2) as ``nas.stages.model.Rotary`` computes them
     (float32 angles, then the compute dtype); GroupQueryAttention's non-interleaved rotary is
-    the model's rotate-half convention, so half the table is all it needs."""
-    hd, hdp = spec.head_dim, padded_head_dim(spec)
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    the model's rotate-half convention, so half the table is all it needs. The width is the
+    padded head (GQA) or MLA's rotary slots (``mla_layout``); GroupQueryAttention rotates as
+    many leading slots of a head as the table is wide, twice over."""
+    if spec.attention == "mla":
+        dim, width = spec.mla_rope_dim, mla_layout(spec)[0]
+    else:
+        dim, width = spec.head_dim, padded_head_dim(spec)
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     freqs = torch.arange(spec.context_length, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    # Padded pairs get angle 0 (cos 1, sin 0): they rotate zeros, which stay zeros.
-    freqs = torch.nn.functional.pad(freqs, (0, (hdp - hd) // 2))  # (positions, hdp / 2)
+    # Padded pairs get angle 0 (cos 1, sin 0): they rotate zeros (or, for MLA, pass through).
+    freqs = torch.nn.functional.pad(freqs, (0, (width - dim) // 2))  # (positions, width / 2)
     return freqs.cos().numpy().astype(dtype), freqs.sin().numpy().astype(dtype)
+
+
+def _mla_weights(attn: torch.nn.Module, spec: ArchSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """MLA's projections with its up-projections absorbed, laid out as ``mla_layout`` says:
+    the query (h * width, d) giving per head [q_rope | W_uk^T q_content], the down-projection
+    (width, d) giving [k_rope | c] before the latent's norm, and the output (d, h * width) taking
+    per head W_o W_uv on the latent's slots (zeros elsewhere: the value's rotary slots carry the
+    unrotated key, which nothing reads). Computed in float32 from the trained weights."""
+    h, hd, r, dr, d = spec.n_heads, spec.head_dim, spec.mla_latent_rank, spec.mla_rope_dim, spec.d_model
+    rotary, lead, width = mla_layout(spec)
+    rope = torch.cat((torch.arange(dr // 2), torch.arange(rotary // 2, rotary // 2 + dr // 2)))
+    latent = torch.arange(lead, lead + r)
+
+    def f32(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", torch.float32)
+
+    wq = f32(attn.wq.weight).view(h, hd + dr, d)  # per head [content | rope] rows
+    up = f32(attn.w_up.weight).view(h, 2 * hd, r)  # per head [K | V] rows
+    w_uk, w_uv = up[:, :hd], up[:, hd:]  # (h, hd, r)
+    q = torch.zeros(h, width, d)
+    q[:, rope] = wq[:, hd:]
+    q[:, latent] = w_uk.transpose(1, 2) @ wq[:, :hd]  # (h, r, d): q . (W_uk c) = (W_uk^T q) . c
+    w_down = f32(attn.w_down.weight)  # [c | k_rope] rows
+    down = torch.zeros(width, d)
+    down[rope] = w_down[r:]
+    down[latent] = w_down[:r]
+    wo = f32(attn.wo.weight).view(d, h, hd)
+    o = torch.zeros(d, h, width)
+    o[:, :, latent] = torch.einsum("dhk,hkr->dhr", wo, w_uv)  # y_h = W_uv (softmax . c)
+    return q.reshape(h * width, d), down, o.reshape(d, h * width)
 
 
 def _pad_heads(w: Tensor, heads: int, hd: int, hdp: int, rotary: bool) -> Tensor:
@@ -263,8 +316,6 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
     spec = model.spec
     g = _Graph(bits)
     norms = _Norms(g, spec)
-    h, kv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    hdp = padded_head_dim(spec)  # the width GroupQueryAttention runs (hd unless padded)
 
     # --- embedding: x (B, T, d) ---
     table = model.tok_emb.weight  # (V, d)
@@ -305,18 +356,10 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
         else:
             hn, residual = norms.skip(pending, residual, block.attn_norm, f"{b}.attn_norm", f"{p}/attn_norm")
         attn = block.attn
-        wqkv = torch.cat((_pad_heads(attn.wq.weight, h, hd, hdp, rotary=True),
-                          _pad_heads(attn.wk.weight, kv, hd, hdp, rotary=True),
-                          _pad_heads(attn.wv.weight, kv, hd, hdp, rotary=False)), dim=0)  # ((h + 2 kv) hdp, d)
-        qkv = g.linear(hn, f"{b}.attn.wqkv", wqkv, f"{p}/qkv", f"{p}/qkv")
-        g.node("GroupQueryAttention",
-               [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length",
-                "rotary.cos", "rotary.sin"],
-               [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"], f"{p}/gqa", _MS,
-               # the scale of the real width: the padding adds zeros to every dot product
-               num_heads=h, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(hd))
-        wo = _pad_heads(attn.wo.weight.t(), h, hd, hdp, rotary=False).t()  # (d, h hdp): zero columns
-        o = g.linear(f"{p}/attn", f"{b}.attn.wo", wo, f"{p}/attn_out", f"{p}/attn_out")
+        if spec.attention == "mla":
+            o = _mla_attention(g, norms, spec, attn, hn, b, p, i)
+        else:
+            o = _gqa_attention(g, spec, attn, hn, b, p, i)
         hn, residual = norms.skip(o, residual, block.ffn_norm, f"{b}.ffn_norm", f"{p}/ffn_norm")
         ffn = block.ffn
         up = g.linear(hn, f"{b}.ffn.w_up", ffn.w_up.weight, f"{p}/up", f"{p}/up")
@@ -337,7 +380,7 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
     outputs = [helper.make_tensor_value_info("logits", dt, ["batch", "seq", spec.vocab_size])]
     for c in cache:
         inputs.append(helper.make_tensor_value_info(c.name, dt, list(c.shape)))
-        present = ["batch", kv, "total", hdp]
+        present = ["batch", c.shape[1], "total", c.shape[3]]
         outputs.append(helper.make_tensor_value_info(c.output, dt, present))
     graph = helper.make_graph(g.nodes, "deploy", inputs, outputs, list(g.inits.values()))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEPLOY_OPSET),
@@ -347,9 +390,55 @@ def _graph(model: Decoder, bits: int) -> tuple[onnx.ModelProto, str]:
     return proto, ("shared" if tied else "untied")
 
 
+def _gqa_attention(g: _Graph, spec: ArchSpec, attn: torch.nn.Module, hn: str, b: str, p: str, i: int) -> str:
+    """MHA/GQA/MQA: packed QKV, GroupQueryAttention (rotary inside), output projection."""
+    h, kv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    hdp = padded_head_dim(spec)  # the width GroupQueryAttention runs (hd unless padded)
+    wqkv = torch.cat((_pad_heads(attn.wq.weight, h, hd, hdp, rotary=True),
+                      _pad_heads(attn.wk.weight, kv, hd, hdp, rotary=True),
+                      _pad_heads(attn.wv.weight, kv, hd, hdp, rotary=False)), dim=0)  # ((h + 2 kv) hdp, d)
+    qkv = g.linear(hn, f"{b}.attn.wqkv", wqkv, f"{p}/qkv", f"{p}/qkv")
+    g.node("GroupQueryAttention",
+           [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length",
+            "rotary.cos", "rotary.sin"],
+           [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"], f"{p}/gqa", _MS,
+           # the scale of the real width: the padding adds zeros to every dot product
+           num_heads=h, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(hd))
+    wo = _pad_heads(attn.wo.weight.t(), h, hd, hdp, rotary=False).t()  # (d, h hdp): zero columns
+    return g.linear(f"{p}/attn", f"{b}.attn.wo", wo, f"{p}/attn_out", f"{p}/attn_out")
+
+
+def _mla_attention(g: _Graph, norms: _Norms, spec: ArchSpec, attn: torch.nn.Module, hn: str, b: str, p: str,
+                   i: int) -> str:
+    """MLA as multi-query attention on its latent (``_mla_weights``, ``mla_layout``)."""
+    h, hd, r, dr = spec.n_heads, spec.head_dim, spec.mla_latent_rank, spec.mla_rope_dim
+    _, lead, width = mla_layout(spec)
+    wq, w_down, wo = _mla_weights(attn, spec)
+    q = g.linear(hn, f"{b}.attn.wq_absorbed", wq, f"{p}/q", f"{p}/q")
+    down = g.linear(hn, f"{b}.attn.w_down", w_down, f"{p}/down", f"{p}/down")
+    tail = width - lead - r
+    sizes = g.init("mla.split", np.array([lead, r, *([tail] if tail else [])], dtype=np.int64))
+    parts = [f"{p}/rope", f"{p}/latent_raw", *([f"{p}/pad"] if tail else [])]
+    g.node("Split", [down, sizes], parts, f"{p}/split", axis=-1)
+    c = norms.first(parts[1], attn.latent_norm, f"{b}.attn.latent_norm", f"{p}/latent")
+    kv = g.node("Concat", [parts[0], c, *parts[2:]], [f"{p}/kv"], f"{p}/kv", axis=-1)[0]
+    g.node("GroupQueryAttention",
+           [q, kv, kv, f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length",
+            "rotary.cos", "rotary.sin"],
+           [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"], f"{p}/gqa", _MS,
+           # the torch model's scale: its query heads are hd + dr wide
+           num_heads=h, kv_num_heads=1, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(hd + dr))
+    return g.linear(f"{p}/attn", f"{b}.attn.wo_absorbed", wo, f"{p}/attn_out", f"{p}/attn_out")
+
+
 def _deploy_cache_spec(spec: ArchSpec, bits: int) -> tuple[CacheInput, ...]:
-    """The plain graph's cache inputs (same names, BNSH layout) at the padded head width."""
+    """The plain graph's cache inputs (same names, BNSH layout) at the padded head width; for
+    MLA one kv head of ``mla_layout``'s width, as key and as value."""
     hdp = padded_head_dim(spec)
+    dtype = "float16" if bits == 16 else "float32"
+    if spec.attention == "mla":
+        return tuple(CacheInput(f"past.{i}.{kind}", f"present.{i}.{kind}", ("batch", 1, "past", hdp), dtype)
+                     for i in range(spec.n_layers) for kind in ("key", "value"))
     return tuple(dataclasses.replace(c, shape=(*c.shape[:-1], hdp))
                  for c in _cache_spec(spec, "float16" if bits == 16 else "float32"))
 
