@@ -1,7 +1,7 @@
 """Plain vs deployment graph per bitwidth on a ~30M gqa_small-like model, measured in one run.
 
     PYTHONPATH=. .venv/bin/python bench/deploy_graph.py [--quick] [--rounds 2] [--repeats 30] [--tied]
-        [--genai /tmp/ogavenv/bin/python] [--out bench/results/deploy_graph.json]
+        [--attention gqa|mla] [--genai /tmp/ogavenv/bin/python] [--out bench/results/deploy_graph.json]
 
 For each bitwidth (fp32, fp16, int8, int4) the plain graph (nas.stages.export: dynamo trace, then
 ONNX Runtime's quantizers) and the deployment graph (nas.stages.deploy: fused contrib ops) of
@@ -11,7 +11,11 @@ so that drift on the shared machine falls on both. Reported per graph: decode ms
 CV), prefill ms, decode over the bandwidth roofline (the bytes a step reads, ArchSpec.decode_bytes,
 over the host's measured read bandwidth), nodes per decode step (of the graph ONNX Runtime runs
 after its own optimizations, saved through SessionOptions.optimized_model_filepath, and of the
-file), file size and peak RSS. Goals (issue 14): decode <= 1.5x the roofline at every bitwidth;
+file), file size and peak RSS. ``--attention mla``: the same shape with multi-head latent
+attention (latent 128, rotary 32), whose deployment graph is the absorbed one (nas.stages.deploy);
+its roofline counts the bytes each graph really reads (nas.spec.latency.decode_step: the
+absorbed weights and the doubled latent cache for the deployment graph, the architecture's for
+the plain one). Goals (issue 14): decode <= 1.5x the roofline at every bitwidth;
 int4 >= 1.6x faster than int8 (deployment graph).
 
 With ``--genai PYTHON`` (an interpreter that has onnxruntime-genai 0.18's model builder), the same
@@ -38,6 +42,7 @@ from _common import machine, spread
 
 from nas.search.pipeline import host_setup
 from nas.spec.arch import ArchSpec
+from nas.spec.latency import decode_step
 from nas.stages.deploy import build_deploy
 from nas.stages.export import export_onnx, quantize
 from nas.stages.feeds import step_inputs
@@ -48,15 +53,17 @@ BITS = (32, 16, 8, 4)
 NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 
 
-def bench_spec(tied: bool, quick: bool = False) -> ArchSpec:
+def bench_spec(tied: bool, quick: bool = False, attention: str = "gqa") -> ArchSpec:
     """A gqa_small point of ~30M parameters (the size the builder was measured at: docs/dependencies.md);
-    ``quick``: a 0.1M-parameter one of the same shape, to check the script runs."""
+    ``quick``: a 0.1M-parameter one of the same shape, to check the script runs. ``attention="mla"``:
+    the same with an attention_kinds-style latent (rank 128, rotary 32; quick: 24 and 8)."""
+    heads = ({"attention": "gqa", "n_kv_heads": 2} if attention == "gqa" else
+             {"attention": "mla", "mla_latent_rank": 24 if quick else 128, "mla_rope_dim": 8 if quick else 32})
     if quick:
-        return ArchSpec(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                        attention="gqa", tied_embeddings=tied, context_length=64)
-    return ArchSpec(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
-                    attention="gqa", ffn="gated", ffn_ratio=3.0, activation="silu", norm="rmsnorm",
-                    tied_embeddings=tied, context_length=256)
+        return ArchSpec(vocab_size=512, d_model=64, n_layers=2, n_heads=4, head_dim=16, tied_embeddings=tied,
+                        context_length=64, **heads)
+    return ArchSpec(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, head_dim=64, ffn="gated", ffn_ratio=3.0,
+                    activation="silu", norm="rmsnorm", tied_embeddings=tied, context_length=256, **heads)
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
@@ -177,16 +184,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--tied", action="store_true")
+    ap.add_argument("--attention", choices=["gqa", "mla"], default="gqa")
     ap.add_argument("--genai", default=None, help="python with onnxruntime-genai's builder (reference only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "deploy_graph.json")
     args = ap.parse_args()
+    if args.genai and args.attention == "mla":
+        ap.error("--genai takes --attention gqa only: the builder has no MLA")
     if args.quick:
         args.rounds, args.repeats = 1, 6
 
     calibrated = host_setup()
     host, cal = calibrated.profile, calibrated.cal
     threads = host.runtime.threads
-    spec = bench_spec(args.tied, args.quick)
+    spec = bench_spec(args.tied, args.quick, args.attention)
     print(f"{spec.summary()}: {spec.params() / 1e6:.1f}M params; "
           f"host read bandwidth {cal.memory_bandwidth_gbs:.1f} GB/s")
     model = build_model(spec, seed=0).eval()
@@ -224,7 +234,10 @@ def main() -> None:
     table = []
     for (bits, kind), ms in samples.items():
         at = replace(spec, bitwidth=bits)
-        roofline_ms = at.decode_bytes(past) / cal.bandwidth_bytes_per_s * 1e3
+        # the bytes this graph reads a step: the deployment graph's heads (the same as the
+        # architecture's for an unpadded GQA), or the architecture's for the plain graph
+        read = decode_step(at, past).bytes if kind == "deploy" else at.decode_bytes(past)
+        roofline_ms = read / cal.bandwidth_bytes_per_s * 1e3
         decode = float(np.median([m.decode.median_ms for m in ms]))
         # The fastest tenth of the repeats (pooled over rounds): other work on a shared machine
         # only ever slows a step, so on a loaded host it is the closer figure to a quiet one.
@@ -270,7 +283,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
         "command": f"bench/deploy_graph.py{' --quick' if args.quick else ''} --rounds {args.rounds} "
                    f"--repeats {args.repeats}"
-                   f"{' --tied' if args.tied else ''}{' --genai PY' if args.genai else ''}",
+                   f"{' --tied' if args.tied else ''}{' --attention mla' if args.attention == 'mla' else ''}"
+                   f"{' --genai PY' if args.genai else ''}",
         "machine": machine(threads=threads, onnxruntime=ort.__version__, pid=os.getpid()),
         "spec": spec.to_dict(), "params": spec.params(), "workload_past_tokens": past,
         "host_bandwidth_gbs": cal.memory_bandwidth_gbs, "rows": table, "summary": summary, "genai": genai,
