@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from nas.spec.files import atomic_write
 from nas.spec.latency import kendall_tau
 
-__all__ = ["cpu_model", "kendall_tau", "machine", "spread", "write_json"]
+__all__ = ["cpu_model", "kendall_tau", "machine", "resume_or_refuse", "spread", "write_json"]
 
 
 def cpu_model() -> str:
@@ -45,3 +46,19 @@ def write_json(path: Path, doc: dict[str, Any], indent: int = 1) -> None:
     """Write ``doc`` to ``path`` whole or not at all (``nas.spec.files.atomic_write``): the
     resumable benchmarks save after every run, and a kill mid-write must not lose the runs before."""
     atomic_write(path, json.dumps(doc, indent=indent))
+
+
+def resume_or_refuse(path: Path, settings: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """The resumable benchmarks' start: the results at ``path`` when they were written under
+    the same ``settings`` (the run goes on where it stopped), ``fresh`` when there is no file, and
+    a one-line exit when the file holds runs made under other settings, which a new run must not
+    overwrite (they may be the only copy of hours of training)."""
+    if not path.is_file():
+        return fresh
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"{path}: not a results file this script can resume ({e}); pass another --out or remove it")
+    if old.get("settings") != settings:
+        sys.exit(f"{path}: written with other settings; pass another --out or remove it")
+    return old

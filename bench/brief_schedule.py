@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine, write_json
+from _common import machine, resume_or_refuse, write_json
 
 
 def shape_spec(shape: str, vocab: int) -> Any:
@@ -67,13 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(a.space)
     settings = {"space": a.space, "tokens": a.tokens, "vocab": a.vocab, "max_bytes": a.max_bytes,
                 "training": space.training.model_dump()}
-    doc: dict[str, Any] = {"settings": settings, "runs": []}
-    if a.out.is_file():
-        old = json.loads(a.out.read_text())
-        if old.get("settings") == settings:
-            doc = old
-        else:
-            sys.exit(f"{a.out}: written with other settings; pass another --out or remove it")
+    doc: dict[str, Any] = resume_or_refuse(a.out, settings, {"settings": settings, "runs": []})
     done = {(r["shape"], r["batch"], r["lr"]) for r in doc["runs"]}
     corpus = load_corpus(None, max_bytes=a.max_bytes)
     tc = tokenize_corpus(corpus, a.vocab)

@@ -20,13 +20,13 @@ export out keeps the benchmark to its training cost. The bitwidth drawn is kept 
 for the record.
 
 Every finished run is written to ``--out`` at once and skipped when the script runs again with
-the same settings, so a run cut short (a session's end, a kill) goes on where it stopped.
+the same settings, so a run cut short (a session's end, a kill) goes on where it stopped; an
+``--out`` written under other settings is refused, not overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import kendall_tau, machine, write_json
+from _common import kendall_tau, machine, resume_or_refuse, write_json
 
 
 def _settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -137,12 +137,10 @@ def main() -> None:
     space = load_space(a.space)
     # the space's training settings too: a run made under another batch or rate is not resumed
     settings = {**_settings(a), "training": space.training.model_dump()}
-    doc: dict[str, Any] = {"settings": settings, "archs": []}
-    if a.out.exists():
-        old = json.loads(a.out.read_text())
-        if old.get("settings") == settings:
-            doc = old  # go on where the last run stopped
-            print(f"resuming {a.out}: {sum(len(r) for x in doc['archs'] for r in x['runs'].values())} runs done")
+    # go on where the last run stopped; never overwrite runs made under other settings
+    doc: dict[str, Any] = resume_or_refuse(a.out, settings, {"settings": settings, "archs": []})
+    if doc["archs"]:
+        print(f"resuming {a.out}: {sum(len(r) for x in doc['archs'] for r in x['runs'].values())} runs done")
     specs = draw_archs(space, a.archs, a.max_params, a.draw_seed)
     if not doc["archs"]:
         doc["archs"] = [{"arch_id": s.arch_id, "summary": s.summary(), "params": s.params(), "spec": s.to_dict(),

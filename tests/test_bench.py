@@ -106,6 +106,14 @@ def test_fidelity_ranks_rungs_against_a_longer_run_under_each_rule(tmp_path):
         assert all(len(arch["runs"][rule][seed]["bpb"]) == 3 for rule in ("width", "constant") for seed in ("0", "1"))
     again = run_bench("fidelity", tmp_path)  # a second run with the same settings has nothing left to do
     assert again["archs"] == doc["archs"]
+    # Other settings on the same file: refused in one line, the runs already there kept.
+    out = tmp_path / "fidelity.json"
+    before = out.read_bytes()
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "fidelity.py"), "--quick", "--draw-seed", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.strip() == f"{out}: written with other settings; pass another --out or remove it"
+    assert out.read_bytes() == before
 
 
 def test_estimator_accuracy_scores_each_device_model_leave_one_out_against_the_bytes_baseline(tmp_path: Path) -> None:
