@@ -153,11 +153,12 @@ def test_a_head_dim_off_multiples_of_16_is_padded_and_still_matches_torch(attent
 def _mla_cases():
     # rope 8 (rotary slots padded to 16, the key's halves apart) with a latent that leaves a zero
     # tail (12 + 24 -> 48 wide), and rope 16 with one that fills the width exactly (16 + 32 = 48);
-    # every bitwidth; both norms (the latent's too), sharing and tying across them.
-    for n, ((dr, r), bits) in enumerate(itertools.product(((8, 24), (16, 32)), (32, 16, 8, 4))):
-        norm = ("rmsnorm", "layernorm")[n % 2]
-        sharing = ("none", "block_repeat")[(n // 2) % 2]
-        tied = bool(n // 4)
+    # at every bitwidth, each layout twice: once with RMSNorm, unshared, and once with LayerNorm
+    # (the latent's norm too), block-repeated, so that fp32 (the exact check) meets both; tying
+    # alternates between the layouts (16 builds, no tracing).
+    for (i, (dr, r)), bits, variant in itertools.product(enumerate(((8, 24), (16, 32))), (32, 16, 8, 4), (0, 1)):
+        norm, sharing = (("rmsnorm", "none"), ("layernorm", "block_repeat"))[variant]
+        tied = bool((i + variant) % 2)
         yield pytest.param(dr, r, norm, sharing, tied, bits, id=f"r{r}+{dr}-{norm}-{sharing}-tied{int(tied)}-{bits}")
 
 
@@ -196,6 +197,25 @@ def test_mla_runs_as_multi_query_attention_on_its_latent_and_matches_torch(dr, r
             assert not key[..., half : rotary // 2].any() and not key[..., lead + r :].any()
     # MLA's point, kept: its cache per token is well under what MHA of the same heads holds.
     assert 2 * width < 2 * spec.n_heads * spec.head_dim
+
+
+@pytest.mark.parametrize("attention,head_dim,tied", [("gqa", 16, False), ("gqa", 12, True), ("mla", 16, True)])
+def test_the_weights_the_latency_model_prices_are_the_ones_the_graph_stores(attention, head_dim, tied, tmp_path):
+    # nas.spec.latency.deployed_params counts what the deployment graph holds: padded heads,
+    # MLA's absorbed query and output; the same count as the built fp32 graph's weights.
+    from onnx import numpy_helper
+
+    from nas.spec.latency import deployed_params
+
+    kw = {"mla_latent_rank": 24, "mla_rope_dim": 8} if attention == "mla" else {}
+    spec = make(attention, "block_repeat", n_layers=4, d_model=64, n_heads=4, head_dim=head_dim, vocab_size=300,
+                context_length=32, tied_embeddings=tied, **({"n_kv_heads": 2} if attention == "gqa" else {}), **kw)
+    exported = build_deploy(build_model(spec), tmp_path, 32)
+    proto = onnx.load(str(exported.path))
+    stored = sum(numpy_helper.to_array(i).size for i in proto.graph.initializer
+                 if not i.name.startswith(("rotary.", "mla.split", "embed/")))
+    assert stored == deployed_params(spec)
+    assert (stored == spec.params()) == (attention == "gqa" and head_dim % 16 == 0)
 
 
 def test_blockwise_quantization_round_trips_within_half_a_step():

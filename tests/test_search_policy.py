@@ -195,3 +195,62 @@ def test_a_measurement_is_reused_on_the_same_machine_and_taken_again_on_another(
     assert again("same-machine") == 1  # reused: same arch, profile, workload and fingerprint
     monkeypatch.setattr(measure, "device_fingerprint", lambda runtime: "another-machine")
     assert again("other-machine") == 2  # not passed off as this machine's: measured again
+
+
+def test_a_predicted_twin_is_the_profiles_estimate_at_that_bitwidth():
+    # For a profile whose figures are its latency model's estimates, a twin's predicted figures
+    # are the estimate of the architecture at that bitwidth.
+    from nas.spec.arch import ArchSpec
+    from nas.spec.profile import load_profile
+    from nas.stages.estimate import estimate
+
+    jetson = load_profile("jetson")
+    spec = ArchSpec(vocab_size=1024, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
+                    attention="gqa", context_length=64, bitwidth=32)
+    m = estimate(spec, jetson)
+    for bits in (16, 8, 4):
+        want = estimate(ArchSpec.from_dict(spec.to_dict() | {"bitwidth": bits}), jetson).figures()
+        got = trial_module.predicted_twin(spec, bits, m, jetson)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-9), k
+
+
+def test_a_dominated_trials_faster_bitwidths_are_queued_where_they_would_be_on_the_front(tmp_path, monkeypatch):
+    # A (int4) is the better and faster trial at rung 0; B, drawn at fp32, is slower and worse:
+    # dominated. B's weights at int4 would be faster than A (B is the smaller model) at B's BPB:
+    # on the front, so that twin is worth its score; at fp16 they would still be slower than A.
+    from nas.spec.arch import ArchSpec
+    from nas.stages.estimate import estimate
+
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = SearchConfig(study="twins", space="tiny", device="jetson", db_url=f"sqlite:///{tmp_path / 'nas.db'}",
+                       max_bytes=300_000, train=TrainConfig(tokens=8192), artifacts=tmp_path / "artifacts", rungs=3)
+    s = Search(cfg)
+    # the same depth (the Jetson's model prices kernels alike), B half A's width
+    base = dict(vocab_size=8192, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, attention="gqa", context_length=64)
+    a = ArchSpec(d_model=512, bitwidth=4, **base)
+    b = ArchSpec(d_model=256, bitwidth=32, **base)
+    try:
+        measured = {}
+        for number, spec, bpb in ((0, a, 1.90), (1, b, 1.95)):
+            m = estimate(spec, s.profile)
+            s.store.upsert_architecture(spec=spec)
+            row = s.store.add_measurement(m)
+            s.store.start_trial(study="twins", number=number, arch_id=spec.arch_id)
+            s.store.record_rung(study="twins", number=number, rung=0, tokens=1024, val_bpb=bpb, seconds=1.0)
+            s.store.finish_trial(study="twins", number=number, val_bpb=bpb, measurement_id=row.id,
+                                 objectives={"val_bpb": bpb, "decode_ms": m.decode_ms})
+            measured[number] = m
+        assert measured[1].decode_ms > measured[0].decode_ms  # B as drawn is dominated by A
+        twin = {bits: trial_module.predicted_twin(b, bits, measured[1], s.profile)["decode_ms"] for bits in (16, 8, 4)}
+        assert twin[4] < measured[0].decode_ms < twin[16]
+        promising = trial_module._promising_bitwidths(s, b, measured[1], 1, 0, 1.95)
+        assert 4 in promising and 16 not in promising
+        assert promising == [bits for bits in (16, 8, 4) if twin[bits] < measured[0].decode_ms]
+        # with a BPB worse than every trial's, only a bitwidth faster than all of them would do
+        assert trial_module._promising_bitwidths(s, b, measured[1], 1, 0, 3.0) == promising
+        # with a better one, every bitwidth would be on the front
+        assert trial_module._promising_bitwidths(s, b, measured[1], 1, 0, 1.5) == [16, 8, 4]
+    finally:
+        s.close()

@@ -55,8 +55,10 @@ class SearchConfig:
     """When a trial lands on the front, queue its architecture at the space's other bitwidths as
     trials of their own that take its trained weights instead of training (quantization comes
     after training, so training again would give the same weights): each costs a measurement and
-    a score, and shows what another bitwidth of a front architecture gains or loses. None: on
-    with rungs (a search of many cheap trials), off without (one trial per draw, as ever)."""
+    a score, and shows what another bitwidth of a front architecture gains or loses. A trial off
+    the front gets the bitwidths at which it would be on it: its BPB with that bitwidth's
+    predicted figures dominated by no trial at its rung (``nas.search.trial.predicted_twin``).
+    None: on with rungs (a search of many cheap trials), off without (one trial per draw, as ever)."""
     stage_deadline_factor: float = 10.0
     """The export and score stages fail a trial past this many times their normal cost
     (``nas.search.deadline``)."""

@@ -45,8 +45,9 @@ from nas.search.deadline import deadline, stage_deadline_s
 from nas.search.pipeline import Host, host_setup, measure_deployed
 from nas.search.rungs import RungPlan
 from nas.spec.arch import BITWIDTHS, ArchSpec
-from nas.spec.errors import NasError
+from nas.spec.errors import ConfigError, NasError
 from nas.spec.files import atomic_write
+from nas.spec.latency import LatencyModel, deployed_weight_bytes
 from nas.spec.profile import (
     HardwareProfile,
     analytic_budget_check,
@@ -432,20 +433,107 @@ def _reuse_and_score(spec: ArchSpec, parent: int, tc: TokenizedCorpus, trial_dir
     return Trained(result, bpb, made_by, rung, plan.tokens(), weights_of=parent)
 
 
-def _queue_other_bitwidths(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec) -> None:
-    """Queue the front trial's architecture at each other bitwidth of the space, each a trial that
-    takes its weights (``_trained_twin`` finds them); Optuna hands queued trials out before drawing
-    new ones, and skips parameters it has tried already."""
+def _space_bitwidths(env: TrialEnv, spec: ArchSpec) -> list[int]:
+    """The space's other bitwidths for ``spec`` (none when the space does not search bitwidth)."""
     dim = next((d for d in env.space.dimensions if d.name == "bitwidth"), None)
-    if dim is None or dim.kind != "choices" or "bitwidth" not in trial.params:
+    if dim is None or dim.kind != "choices":
+        return []
+    return [int(b) for b in dim.choices if b != spec.bitwidth]
+
+
+def _queue_other_bitwidths(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec, only: list[int] | None = None) -> None:
+    """Queue the trial's architecture at each other bitwidth of the space (``only``: at these),
+    each a trial that takes its weights (``_trained_twin`` finds them); Optuna hands queued trials
+    out before drawing new ones, and skips parameters it has tried already."""
+    if "bitwidth" not in trial.params:
         return
-    others = [b for b in dim.choices if b != spec.bitwidth]
+    others = [b for b in _space_bitwidths(env, spec) if only is None or b in only]
     if not others:
         return
     for b in others:
         trial.study.enqueue_trial(trial.params | {"bitwidth": b}, skip_if_exists=True)
-    env.events.message(f"trial {trial.number} is on the front: its architecture at "
+    why = ("is on the front" if only is None else
+           "is not on the front, but its BPB at the latency of another bitwidth would be")
+    env.events.message(f"trial {trial.number} {why}: its architecture at "
                        f"{', '.join(f'{b} bits' for b in others)} is queued, on its trained weights (no training)")
+
+
+def _promising_bitwidths(env: TrialEnv, spec: ArchSpec, m: Measurement, n: int, rung: int, bpb: float) -> list[int]:
+    """The other bitwidths at which trial ``n``'s trained weights would be on the front: where
+    its BPB with that bitwidth's predicted figures (``predicted_twin``) is dominated by no trial
+    at its rung, and within the profile's budgets. A trial drawn at a slow bitwidth is often
+    dominated where its int4 twin, almost as good and much faster, would not be; without this
+    only the front's own trials had their other bitwidths scored, so a fast point of a good
+    architecture drawn slow was found only if the sampler drew it again. The BPB a twin would
+    score is taken as the trial's (quantization moves it by 0.001-0.02 at these sizes, less than
+    the spacing of a front): a guess that costs one twin's measure and score when it is wrong."""
+    others = _space_bitwidths(env, spec)
+    model = _twin_model(env) if others else None
+    if model is None:
+        return []
+    peers = _peers_at_rung(env, rung, exclude=n)
+    out = []
+    for b in others:
+        figures = predicted_twin(spec, b, m, env.profile, model)
+        if any(v > 0 for v in env.profile.budgets.constraints(figures).values()):
+            continue
+        mine = objective_values(ArchSpec.from_dict(spec.to_dict() | {"bitwidth": b}), None, bpb) | figures
+        point = [mine.get(o, float("inf")) for o in env.cfg.objectives]
+        if not any(_dominates(q, point) for q in peers.values()):
+            out.append(b)
+    return out
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def _twin_model(env: TrialEnv) -> LatencyModel | None:
+    """The latency model that predicts a twin's figures: the profile's; for this host, whose
+    profile's rates are measured (``nas devices calibrate``), the calibrated host's if this run or
+    an earlier one calibrated it (nothing is measured here, in the middle of a trial); None for a
+    profile that has no model (said once)."""
+    from nas.search.pipeline import HOST_PROFILE
+    from nas.stages.estimate import cached_host_calibration, calibrated_profile, device_model
+
+    try:
+        return device_model(env.profile)
+    except ConfigError as e:
+        why = str(e)
+        if env.profile.name == HOST_PROFILE:
+            if env.resources.host is not None:
+                return device_model(env.resources.host.profile)
+            cal = cached_host_calibration(env.profile)
+            if cal is not None:
+                return device_model(calibrated_profile(env.profile, cal))
+            why = "this host is not calibrated yet (`nas devices calibrate`)"
+    env.resources.note_once(f"only front trials get their other bitwidths: no latency model for "
+                            f"{env.profile.name} predicts them ({why})")
+    return None
+
+
+def predicted_twin(spec: ArchSpec, bits: int, m: Measurement, profile: HardwareProfile,
+                   model: LatencyModel | None = None) -> dict[str, float]:
+    """What ``m``'s figures for ``spec`` would be at ``bits``: each latency scaled by the ratio
+    the latency model (``nas.spec.latency``; default: the profile's) gives the two bitwidths, the
+    file by the ratio of their weight bytes, peak memory by the difference the model gives. For a
+    profile whose latencies are that model's estimates, the predicted latencies are the estimate's
+    (size and memory, taken from the host's export, are scaled); for a measured profile, the
+    measurement with the model's view of what the bitwidth changes."""
+    from nas.stages.estimate import device_model
+
+    other = ArchSpec.from_dict(spec.to_dict() | {"bitwidth": bits})
+    model, w = model or device_model(profile), profile.workload
+    past, prompt, cached = w.decode_past_tokens(spec), w.prefill_tokens(spec), w.cached_tokens(spec)
+    out = {"decode_ms": m.decode_ms * model.decode_ms(other, past) / model.decode_ms(spec, past),
+           "prefill_ms": m.prefill_ms * model.prefill_ms(other, prompt) / model.prefill_ms(spec, prompt),
+           "model_mb": m.model_mb * deployed_weight_bytes(other) / deployed_weight_bytes(spec)}
+    if m.peak_memory_mb is not None:
+        change = (model.peak_memory_bytes(deployed_weight_bytes(other), other, cached, w.batch)
+                  - model.peak_memory_bytes(deployed_weight_bytes(spec), spec, cached, w.batch))
+        # never below the runtime's own base: a peak of 0 would pass every memory budget
+        out["peak_memory_mb"] = max(model.base_memory_mb, m.peak_memory_mb + change / MIB)
+    return out
 
 
 def _finished_rungs(ckpt: Path, spec: ArchSpec, env: TrialEnv) -> tuple[TrainState | None, list[dict]]:
@@ -482,7 +570,25 @@ def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, b
         env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, stops: "
                            "the search's time is up, so no trial goes on to another rung")
         return False
-    rows = [r for r in env.store.rung_results(study=env.cfg.study, rung=rung) if r.state != "failed" and r.number != n]
+    peers = _peers_at_rung(env, rung, exclude=n)
+    mine = objective_values(spec, m, bpb)
+    peers[n] = [mine.get(o, float("inf")) for o in env.cfg.objectives]
+    d = decide(n, peers, plan.eta)
+    env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, {d}")
+    return d.goes_on
+
+
+def _peers_at_rung(env: TrialEnv, rung: int, exclude: int) -> dict[int, list[float]]:
+    """Every trial of the study that reached ``rung`` but ``exclude`` (failed ones left out: they
+    were killed or broke, and their retries stand for them): its objective values there, BPB at
+    that rung, all minimized. Without rungs, every complete feasible trial with its objectives."""
+    if env.rungs is None or env.rungs.count == 1:
+        return {t.number: [float(t.objectives[o]) for o in env.cfg.objectives]
+                for t in env.store.trials(study=env.cfg.study, states=["complete"])
+                if t.number != exclude and t.feasible and t.objectives
+                and all(t.objectives.get(o) is not None for o in env.cfg.objectives)}
+    rows = [r for r in env.store.rung_results(study=env.cfg.study, rung=rung)
+            if r.state != "failed" and r.number != exclude]
     ids = {r.measurement_id for r in rows if r.measurement_id is not None}
     figures = {row.id: row.to_measurement().figures() | {"arch_id": row.arch_id}
                for row in env.store.measurements(ids=ids) if row.ok}
@@ -491,11 +597,7 @@ def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, b
         f = figures.get(r.measurement_id)
         if f is not None:
             peers[r.number] = [r.val_bpb if o == "val_bpb" else _figure(env, f, o) for o in env.cfg.objectives]
-    mine = objective_values(spec, m, bpb)
-    peers[n] = [mine.get(o, float("inf")) for o in env.cfg.objectives]
-    d = decide(n, peers, plan.eta)
-    env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, {d}")
-    return d.goes_on
+    return peers
 
 
 def _figure(env: TrialEnv, figures: dict, objective: str) -> float:
@@ -632,8 +734,15 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
     baselines = env.resources.baselines(spec.vocab_size)
     flag = "" if beats_bigram(bpb.bpb, baselines) else f" [not below its bigram baseline {baselines['bigram_bpb']:.3f}]"
     env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}{at}{flag}, decode {m.decode_ms:.3f} ms ({m.label})")
-    if other_bitwidths(cfg) and trained.weights_of is None and any(t.number == n for t in front):
-        _queue_other_bitwidths(trial, env, spec)
+    if other_bitwidths(cfg) and trained.weights_of is None and "bitwidth" in trial.params:
+        on_front = any(t.number == n for t in front)
+        try:
+            others = None if on_front else _promising_bitwidths(env, spec, m, n, trained.rung, bpb.bpb)
+        except Exception as e:  # the trial is complete and stored: a failed guess must not undo it
+            env.resources.note_once(f"the other bitwidths of trials off the front are not predicted: {bug_reason(e)}")
+            others = []
+        if on_front or others:
+            _queue_other_bitwidths(trial, env, spec, others)
     return [objectives[o] for o in cfg.objectives]
 
 

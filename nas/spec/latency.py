@@ -51,6 +51,11 @@ from nas.spec.arch import ArchSpec
 MIN_POINTS = 3
 """Fewest points of a device worth fitting; below it the model is the datasheet."""
 
+PRICING = 2
+"""What a step's figures are the figures of; part of a model's digest, so that an estimate stored
+under another rule is not reused: 1, the architecture's (``ArchSpec``) bytes and FLOPs; 2, the
+fused deployment graph's heads (padded GQA, absorbed MLA: ``deployed_attention``)."""
+
 PRIOR_WEIGHT = 0.02
 """How hard the fit is pulled towards the datasheet: a parameter twice its prior costs as much
 as a 2% miss on one point, so a few points override the prior, and a parameter no point sees
@@ -111,6 +116,12 @@ def deployed_params(spec: ArchSpec) -> int:
         r = spec.mla_latent_rank
         spec_matrices -= r if spec.norm == "rmsnorm" else 2 * r
     return spec.params() + spec.unique_layers * (_deployed_attention_weights(spec) - spec_matrices)
+
+
+def deployed_weight_bytes(spec: ArchSpec) -> float:
+    """Bytes of the weights the fused graph stores at the spec's bitwidth: ``ArchSpec.weight_bytes``
+    (its per-bitwidth storage rule, int4's scales included) over ``deployed_params``."""
+    return spec.weight_bytes() * deployed_params(spec) / spec.params()
 
 
 def deployed_linear_macs_per_token(spec: ArchSpec) -> int:
@@ -287,7 +298,7 @@ class LatencyModel:
         """The model and its parameters, for a measurement's provenance."""
         return {
             "model": "bytes/bandwidth + FLOPs/rate + kernels x per-kernel cost (nas.spec.latency)",
-            "method": self.method, "n_points": self.n_points,
+            "pricing": PRICING, "method": self.method, "n_points": self.n_points,
             "bandwidth_gbs": dict(self.bandwidth_gbs), "compute_efficiency": self.compute_efficiency,
             "effective_gflops": {k: v * self.compute_efficiency for k, v in self.peak_gflops.items()},
             "kernel_us": self.kernel_us, "base_memory_mb": self.base_memory_mb,

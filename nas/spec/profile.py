@@ -59,8 +59,10 @@ from nas.spec.latency import (
     LatencyModel,
     Observation,
     decode_step,
+    deployed_params,
     fit_base_memory,
     fit_latency_model,
+    kv_elements_per_token,
     prefill_step,
 )
 
@@ -515,7 +517,8 @@ def latency_model(profile: HardwareProfile, *, leave_out: int | None = None) -> 
     residuals = []
     for p in points:  # the runtime base, where points publish the process's peak memory
         if p.peak_memory_mb is not None:
-            held = p.arch.params() * p.bits() / 8 + p.arch.kv_cache_bytes_per_token() * (p.workload.context_tokens or 0)
+            kv = kv_elements_per_token(p.arch) * p.arch.activation_bytes  # as peak_memory_bytes counts it
+            held = deployed_params(p.arch) * p.bits() / 8 + kv * (p.workload.context_tokens or 0)
             residuals.append(p.peak_memory_mb - held / MIB)
     return fit_base_memory(model, residuals)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from nas.spec.calibration import stored_points
 from nas.spec.errors import NasError
 from nas.spec.files import atomic_write
-from nas.spec.latency import LatencyModel, decode_step, prefill_step
+from nas.spec.latency import LatencyModel, decode_step, deployed_weight_bytes, prefill_step
 from nas.spec.profile import latency_model
 from nas.spec.results import ESTIMATED_MODEL, LatencyStats, Measurement
 
@@ -101,6 +102,17 @@ def calibrate_host(host: HardwareProfile, *, refresh: bool = False, repeats: int
     return cal
 
 
+def cached_host_calibration(host: HardwareProfile) -> HostCalibration | None:
+    """The host's calibration if one is cached, without measuring anything."""
+    path = _calibration_path(host)
+    if not path.exists():
+        return None
+    try:
+        return HostCalibration(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def calibrated_profile(host: HardwareProfile, cal: HostCalibration) -> HardwareProfile:
     """The host profile with its ``measure`` facts filled in from the calibration."""
     peaks = {**cal.peak_gflops, "int4": cal.peak_gflops["int8"]}
@@ -120,7 +132,8 @@ def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None
 
     ``host_measurement`` (this host's measurement of the same deployed graph on the target's
     workload) gives the file size and, for a CPU-provider target, the peak memory; without it
-    both are analytic (``ArchSpec.weight_bytes``; weights + KV + runtime base).
+    both are analytic (the deployment graph's weights, ``deployed_weight_bytes``; weights + KV +
+    runtime base).
     """
     if host_measurement is not None and host_measurement.arch_id != spec.arch_id:
         raise NasError(f"host measurement is of {host_measurement.arch_id}, not {spec.arch_id}")
@@ -128,7 +141,8 @@ def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None
     w = target.workload
     past, prompt = w.decode_past_tokens(spec), w.prefill_tokens(spec)
     decode, prefill = decode_step(spec, past), prefill_step(spec, prompt)
-    model_bytes = host_measurement.model_bytes if host_measurement is not None else spec.weight_bytes()
+    model_bytes = (host_measurement.model_bytes if host_measurement is not None
+                   else math.ceil(deployed_weight_bytes(spec)))
     host_peak = host_measurement.peak_memory_bytes if host_measurement is not None else None
     same_runtime = (host_measurement is not None and target.runtime.execution_provider == "CPUExecutionProvider"
                     and host_measurement.provenance.get("execution_provider") == "CPUExecutionProvider")
@@ -141,7 +155,8 @@ def estimate(spec: ArchSpec, target: HardwareProfile, model: LatencyModel | None
         "estimator": "per-device latency model", **model.describe(), "model_digest": model.digest(),
         "kernels_per_step": decode.kernels, "kernel_count": "analytic, fused deployment graph",
         "decode_bytes": decode.bytes, "decode_flops": decode.flops, "prefill_flops": prefill.flops,
-        "model_bytes_from": "host export" if host_measurement is not None else "analytic (ArchSpec.weight_bytes)",
+        "model_bytes_from": ("host export" if host_measurement is not None
+                             else "analytic (nas.spec.latency.deployed_weight_bytes)"),
         "memory_from": memory_from,
     }
     stored = stored_points(target)
