@@ -171,6 +171,21 @@ def test_a_corpus_of_another_vocabulary_is_refused(stdlib_512):
         train_brief(make("gqa", vocab_size=1024, context_length=64), stdlib_512, CFG)
 
 
+def test_the_scores_log_likelihood_is_float64_exact_and_takes_fp16_logits():
+    from nas.stages.score import _nll_nats
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 50, 700)) * 6).astype(np.float32)
+    logits[0, 0, 5] = 80.0  # a confident row: its max dominates the sum
+    targets = rng.integers(0, 700, (3, 50))
+    z = logits.reshape(-1, 700).astype(np.float64)
+    want = float((np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+                  - z[np.arange(150), targets.reshape(-1)]).sum())
+    assert _nll_nats(logits, targets) == pytest.approx(want, rel=1e-9)
+    half = logits.astype(np.float16)  # an fp16 model's logits
+    assert _nll_nats(half, targets) == pytest.approx(_nll_nats(half.astype(np.float32), targets), rel=1e-12)
+
+
 def test_onnx_score_of_the_fp32_export_matches_torch_and_quantized_ones_stay_close(stdlib_512, tmp_path):
     import dataclasses
 
