@@ -254,3 +254,49 @@ def test_a_dominated_trials_faster_bitwidths_are_queued_where_they_would_be_on_t
         assert trial_module._promising_bitwidths(s, b, measured[1], 1, 0, 1.5) == [16, 8, 4]
     finally:
         s.close()
+
+
+def test_a_training_is_ranked_at_a_rung_with_its_twins_and_predicted_bitwidths(tmp_path, monkeypatch):
+    # At rung 0: A trained at int4 (trial 0) and scored at fp32 by its twin (trial 1), B at fp32
+    # (trial 2), and the deciding trial 3, C at fp16. One family per set of weights, each with its
+    # scored points and a predicted one for every bitwidth none of its trials scored.
+    from nas.spec.arch import ArchSpec
+    from nas.stages.estimate import device_model, estimate
+
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = SearchConfig(study="fam", space="tiny", device="jetson", db_url=f"sqlite:///{tmp_path / 'nas.db'}",
+                       max_bytes=300_000, train=TrainConfig(tokens=8192), artifacts=tmp_path / "artifacts", rungs=3)
+    s = Search(cfg)
+    base = dict(vocab_size=8192, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, attention="gqa", context_length=64)
+    a4 = ArchSpec(d_model=512, bitwidth=4, **base)
+    a32 = ArchSpec.from_dict(a4.to_dict() | {"bitwidth": 32})
+    b = ArchSpec(d_model=256, bitwidth=32, **base)
+    c = ArchSpec(d_model=384, bitwidth=16, **base)
+    try:
+        measured = {}
+        for number, spec, bpb in ((0, a4, 1.90), (1, a32, 1.89), (2, b, 1.95)):
+            m = estimate(spec, s.profile)
+            s.store.upsert_architecture(spec=spec)
+            row = s.store.add_measurement(m)
+            s.store.start_trial(study="fam", number=number, arch_id=spec.arch_id)
+            s.store.record_rung(study="fam", number=number, rung=0, tokens=1024, val_bpb=bpb, seconds=1.0)
+            s.store.finish_trial(study="fam", number=number, val_bpb=bpb, measurement_id=row.id,
+                                 objectives={"val_bpb": bpb, "decode_ms": m.decode_ms})
+            measured[number] = m
+        mc = estimate(c, s.profile)
+        families = trial_module._families_at_rung(s, 0, 3, c, mc, 1.92)
+        assert sorted(families) == [0, 2, 3]
+        model = device_model(s.profile)
+
+        def point(spec, bits, m, bpb):
+            return trial_module._predicted_point(s, spec, bits, m, bpb, model)
+
+        # A: its two scored points as scored (the twin's own BPB), then fp16 and int8 predicted on
+        # its first trial's figures and BPB
+        assert families[0][:2] == [[1.90, measured[0].decode_ms], [1.89, measured[1].decode_ms]]
+        assert families[0][2:] == [point(a4, 16, measured[0], 1.90), point(a4, 8, measured[0], 1.90)]
+        assert families[2] == [[1.95, measured[2].decode_ms]] + [point(b, k, measured[2], 1.95) for k in (16, 8, 4)]
+        assert families[3] == [[1.92, mc.decode_ms]] + [point(c, k, mc, 1.92) for k in (32, 8, 4)]
+        assert families[2][3][1] < families[2][0][1]  # B's int4 point is faster than B as drawn
+    finally:
+        s.close()

@@ -63,7 +63,7 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
             env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rung 1 (2,048 tokens): BPB" in r.stdout and "goes on" in r.stdout
-    # a grace of one cohort: the first two trials at a rung stop, whatever they score
+    # a grace of one cohort: the first two trials at the first rung stop, whatever they score
     assert "stops: 1 of 1 at this rung, none goes on before 3 reach it" in r.stdout
     ostudy = optuna.load_study(study_name="tiny-host", storage=db)
     by_number = {t.number: t for t in ostudy.trials}
@@ -130,7 +130,9 @@ def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, f
     checkpoints = tmp_path / "art" / "tiny-host" / "checkpoints"
     try:
         # a trial that goes on from rung 1 saves its checkpoint there, then trains on
-        _wait_for(lambda: any(checkpoints.glob("*.json")), 600, "a checkpoint after the first rung")
+        _wait_for(lambda: any(checkpoints.glob("*.json")) or proc.poll() is not None, 600,
+                  "a checkpoint after the first rung")
+        assert proc.poll() is None, "the search ended before any trial went on from its first rung"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -474,14 +474,22 @@ def _promising_bitwidths(env: TrialEnv, spec: ArchSpec, m: Measurement, n: int, 
     peers = _peers_at_rung(env, rung, exclude=n)
     out = []
     for b in others:
-        figures = predicted_twin(spec, b, m, env.profile, model)
-        if any(v > 0 for v in env.profile.budgets.constraints(figures).values()):
-            continue
-        mine = objective_values(ArchSpec.from_dict(spec.to_dict() | {"bitwidth": b}), None, bpb) | figures
-        point = [mine.get(o, float("inf")) for o in env.cfg.objectives]
-        if not any(_dominates(q, point) for q in peers.values()):
+        point = _predicted_point(env, spec, b, m, bpb, model)
+        if point is not None and not any(_dominates(q, point) for q in peers.values()):
             out.append(b)
     return out
+
+
+def _predicted_point(env: TrialEnv, spec: ArchSpec, bits: int, m: Measurement, bpb: float,
+                     model: LatencyModel) -> list[float] | None:
+    """The objective point of ``spec``'s trained weights at ``bits``: ``predicted_twin``'s
+    figures, the BPB taken as ``bpb``; None where those figures break one of the profile's
+    budgets (such a twin would be infeasible)."""
+    figures = predicted_twin(spec, bits, m, env.profile, model)
+    if any(v > 0 for v in env.profile.budgets.constraints(figures).values()):
+        return None
+    mine = objective_values(ArchSpec.from_dict(spec.to_dict() | {"bitwidth": bits}), None, bpb) | figures
+    return [mine.get(o, float("inf")) for o in env.cfg.objectives]
 
 
 def _dominates(a: list[float], b: list[float]) -> bool:
@@ -560,8 +568,9 @@ def _finished_rungs(ckpt: Path, spec: ArchSpec, env: TrialEnv) -> tuple[TrainSta
 
 def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, bpb: float, tokens: int) -> bool:
     """The rung rule for trial ``n`` at ``rung`` (``bpb`` after ``tokens``, the rung's budget rounded up
-    to whole steps), against every trial of the study that reached it (failed ones left out: they
-    were killed or broke, and their retries stand for them)."""
+    to whole steps), against every training of the study that reached it (failed ones left out:
+    they were killed or broke, and their retries stand for them), each seen at every bitwidth of
+    the space (``_families_at_rung``)."""
     from nas.search.rungs import decide
 
     plan = env.rungs
@@ -570,12 +579,71 @@ def _goes_on(spec: ArchSpec, m: Measurement, env: TrialEnv, n: int, rung: int, b
         env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, stops: "
                            "the search's time is up, so no trial goes on to another rung")
         return False
-    peers = _peers_at_rung(env, rung, exclude=n)
-    mine = objective_values(spec, m, bpb)
-    peers[n] = [mine.get(o, float("inf")) for o in env.cfg.objectives]
-    d = decide(n, peers, plan.eta)
+    d = decide(n, _families_at_rung(env, rung, n, spec, m, bpb), plan.eta, grace=rung == 0)
     env.events.message(f"trial {n} rung {rung + 1} ({tokens:,} tokens): BPB {bpb:.4f}, {d}")
     return d.goes_on
+
+
+def weights_id(spec: ArchSpec) -> str:
+    """One name for the weights ``spec`` trains, whatever its bitwidth (``same_weights``)."""
+    return min(same_weights(spec))
+
+
+@dataclass(frozen=True)
+class _Point:
+    spec: ArchSpec
+    m: Measurement
+    bpb: float
+
+
+def _families_at_rung(env: TrialEnv, rung: int, n: int, spec: ArchSpec, m: Measurement,
+                      bpb: float) -> dict[int, list[list[float]]]:
+    """The trainings at ``rung``, trial ``n`` (``spec``, measured ``m``, ``bpb`` there) among
+    them, each as the objective points of its weights at every bitwidth of the space: the
+    trials at that rung on the same weights (the one that trained them, twins that scored them
+    at another bitwidth), and for each bitwidth none of them scored, the point ``predicted_twin``
+    gives (the BPB taken as the family's, as ``_promising_bitwidths`` does; left out where it
+    breaks a budget). Keyed by the family's first trial number (``n`` for its own)."""
+    rows = [r for r in env.store.rung_results(study=env.cfg.study, rung=rung)
+            if r.state != "failed" and r.number != n]
+    ids = {r.measurement_id for r in rows if r.measurement_id is not None}
+    measured = {row.id: row for row in env.store.measurements(ids=ids) if row.ok}
+    specs: dict[str, ArchSpec] = {}
+    members: dict[str, dict[int, _Point]] = {weights_id(spec): {n: _Point(spec, m, bpb)}}
+    for r in rows:
+        row = measured.get(r.measurement_id)  # type: ignore[arg-type]
+        if row is None:
+            continue
+        if row.arch_id not in specs:
+            specs[row.arch_id] = env.store.get_architecture(arch_id=row.arch_id).spec
+        s = specs[row.arch_id]
+        members.setdefault(weights_id(s), {})[r.number] = _Point(s, row.to_measurement(), r.val_bpb)
+    model = _twin_model(env) if _space_bitwidths(env, spec) else None
+    families: dict[int, list[list[float]]] = {}
+    for family in members.values():
+        key = n if n in family else min(family)
+        points = [_objective_point(env, p.spec, p.m, p.bpb) for p in family.values()]
+        if model is not None:
+            first = family[key]
+            scored = {p.spec.bitwidth for p in family.values()}
+            for b in _space_bitwidths(env, first.spec):
+                if b in scored:
+                    continue
+                try:
+                    point = _predicted_point(env, first.spec, b, first.m, first.bpb, model)
+                except Exception as e:  # ranked on its scored points alone: a failed guess must not fail the trial
+                    env.resources.note_once(f"the rungs rank trainings on their scored bitwidths only: {bug_reason(e)}")
+                    model = None
+                    break
+                if point is not None:
+                    points.append(point)
+        families[key] = points
+    return families
+
+
+def _objective_point(env: TrialEnv, spec: ArchSpec, m: Measurement, bpb: float) -> list[float]:
+    values = objective_values(spec, m, bpb)
+    return [float("inf") if values.get(o) is None else float(values[o]) for o in env.cfg.objectives]
 
 
 def _peers_at_rung(env: TrialEnv, rung: int, exclude: int) -> dict[int, list[float]]:
