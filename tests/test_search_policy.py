@@ -216,32 +216,43 @@ def test_a_predicted_twin_is_the_profiles_estimate_at_that_bitwidth():
             assert got[k] == pytest.approx(want[k], rel=1e-9), k
 
 
+def _rung_study(tmp_path, monkeypatch, study: str) -> Search:
+    """A search of the tiny space for the Jetson with rungs, on its own SQLite file."""
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = SearchConfig(study=study, space="tiny", device="jetson", db_url=f"sqlite:///{tmp_path / 'nas.db'}",
+                       max_bytes=300_000, train=TrainConfig(tokens=8192), artifacts=tmp_path / "artifacts", rungs=3)
+    return Search(cfg)
+
+
+def _complete_at_rung_0(s: Search, number: int, spec, bpb: float):
+    """Store trial ``number`` of ``spec`` as complete at rung 0 with ``bpb`` and the Jetson's
+    estimate as its measurement; returns the measurement."""
+    from nas.stages.estimate import estimate
+
+    study = s.cfg.study
+    m = estimate(spec, s.profile)
+    s.store.upsert_architecture(spec=spec)
+    row = s.store.add_measurement(m)
+    s.store.start_trial(study=study, number=number, arch_id=spec.arch_id)
+    s.store.record_rung(study=study, number=number, rung=0, tokens=1024, val_bpb=bpb, seconds=1.0)
+    s.store.finish_trial(study=study, number=number, val_bpb=bpb, measurement_id=row.id,
+                         objectives={"val_bpb": bpb, "decode_ms": m.decode_ms})
+    return m
+
+
 def test_a_dominated_trials_faster_bitwidths_are_queued_where_they_would_be_on_the_front(tmp_path, monkeypatch):
     # A (int4) is the better and faster trial at rung 0; B, drawn at fp32, is slower and worse:
     # dominated. B's weights at int4 would be faster than A (B is the smaller model) at B's BPB:
     # on the front, so that twin is worth its score; at fp16 they would still be slower than A.
     from nas.spec.arch import ArchSpec
-    from nas.stages.estimate import estimate
 
-    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = SearchConfig(study="twins", space="tiny", device="jetson", db_url=f"sqlite:///{tmp_path / 'nas.db'}",
-                       max_bytes=300_000, train=TrainConfig(tokens=8192), artifacts=tmp_path / "artifacts", rungs=3)
-    s = Search(cfg)
+    s = _rung_study(tmp_path, monkeypatch, "twins")
     # the same depth (the Jetson's model prices kernels alike), B half A's width
     base = dict(vocab_size=8192, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, attention="gqa", context_length=64)
     a = ArchSpec(d_model=512, bitwidth=4, **base)
     b = ArchSpec(d_model=256, bitwidth=32, **base)
     try:
-        measured = {}
-        for number, spec, bpb in ((0, a, 1.90), (1, b, 1.95)):
-            m = estimate(spec, s.profile)
-            s.store.upsert_architecture(spec=spec)
-            row = s.store.add_measurement(m)
-            s.store.start_trial(study="twins", number=number, arch_id=spec.arch_id)
-            s.store.record_rung(study="twins", number=number, rung=0, tokens=1024, val_bpb=bpb, seconds=1.0)
-            s.store.finish_trial(study="twins", number=number, val_bpb=bpb, measurement_id=row.id,
-                                 objectives={"val_bpb": bpb, "decode_ms": m.decode_ms})
-            measured[number] = m
+        measured = {n: _complete_at_rung_0(s, n, spec, bpb) for n, spec, bpb in ((0, a, 1.90), (1, b, 1.95))}
         assert measured[1].decode_ms > measured[0].decode_ms  # B as drawn is dominated by A
         twin = {bits: trial_module.predicted_twin(b, bits, measured[1], s.profile)["decode_ms"] for bits in (16, 8, 4)}
         assert twin[4] < measured[0].decode_ms < twin[16]
@@ -263,26 +274,15 @@ def test_a_training_is_ranked_at_a_rung_with_its_twins_and_predicted_bitwidths(t
     from nas.spec.arch import ArchSpec
     from nas.stages.estimate import device_model, estimate
 
-    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = SearchConfig(study="fam", space="tiny", device="jetson", db_url=f"sqlite:///{tmp_path / 'nas.db'}",
-                       max_bytes=300_000, train=TrainConfig(tokens=8192), artifacts=tmp_path / "artifacts", rungs=3)
-    s = Search(cfg)
+    s = _rung_study(tmp_path, monkeypatch, "fam")
     base = dict(vocab_size=8192, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, attention="gqa", context_length=64)
     a4 = ArchSpec(d_model=512, bitwidth=4, **base)
     a32 = ArchSpec.from_dict(a4.to_dict() | {"bitwidth": 32})
     b = ArchSpec(d_model=256, bitwidth=32, **base)
     c = ArchSpec(d_model=384, bitwidth=16, **base)
     try:
-        measured = {}
-        for number, spec, bpb in ((0, a4, 1.90), (1, a32, 1.89), (2, b, 1.95)):
-            m = estimate(spec, s.profile)
-            s.store.upsert_architecture(spec=spec)
-            row = s.store.add_measurement(m)
-            s.store.start_trial(study="fam", number=number, arch_id=spec.arch_id)
-            s.store.record_rung(study="fam", number=number, rung=0, tokens=1024, val_bpb=bpb, seconds=1.0)
-            s.store.finish_trial(study="fam", number=number, val_bpb=bpb, measurement_id=row.id,
-                                 objectives={"val_bpb": bpb, "decode_ms": m.decode_ms})
-            measured[number] = m
+        measured = {number: _complete_at_rung_0(s, number, spec, bpb)
+                    for number, spec, bpb in ((0, a4, 1.90), (1, a32, 1.89), (2, b, 1.95))}
         mc = estimate(c, s.profile)
         families = trial_module._families_at_rung(s, 0, 3, c, mc, 1.92)
         assert sorted(families) == [0, 2, 3]
