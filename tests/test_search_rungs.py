@@ -152,3 +152,27 @@ def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, f
         assert retry.state == "complete"
     assert after[: len(before)] == before  # the finished rungs were kept, not trained again
     assert not list(checkpoints.glob("*"))  # a finished trial leaves no checkpoint behind
+
+
+def test_a_front_trial_queues_its_width_neighbours_that_train(env, fast, tmp_path):
+    db = f"sqlite:///{tmp_path / 'nas.db'}"
+    r = nas(["search", *fast[:2], *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "1",
+             "--front-neighbours", "--db", db], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "is queued (trained through the rungs)" in r.stdout
+    ostudy = optuna.load_study(study_name="tiny-host", storage=db)
+    with Store(db) as store:
+        rows = {t.number: t for t in store.trials(study="tiny-host")}
+    # the study's first complete trial is on the front when it finishes (nothing to beat it)
+    first = ostudy.trials[min(n for n, t in rows.items() if t.state == "complete")]
+    widths = [32, 48, 64]  # the fused tiny space's d_model choices
+    near = {w for w in widths if abs(widths.index(w) - widths.index(first.params["d_model"])) == 1}
+    neighbours = [t for t in ostudy.trials if t.params and t.params == first.params | {"d_model": t.params["d_model"]}
+                  and t.params["d_model"] in near]
+    assert near and {t.params["d_model"] for t in neighbours} == near, [t.params for t in ostudy.trials]
+    # a neighbour is another architecture: it trains (no weights_of), through the rungs
+    for t in neighbours:
+        row = rows[t.number]
+        assert row.state in ("complete", "infeasible", "running"), row.state
+        if row.state == "complete":
+            assert "weights_of" not in row.train and row.train["rung"] >= 0

@@ -59,6 +59,12 @@ class SearchConfig:
     the front gets the bitwidths at which it would be on it: its BPB with that bitwidth's
     predicted figures dominated by no trial at its rung (``nas.search.trial.predicted_twin``).
     None: on with rungs (a search of many cheap trials), off without (one trial per draw, as ever)."""
+    front_neighbours: bool = False
+    """When a trial that trained its own weights lands on the front, queue its architecture one
+    width step narrower and one wider (the space's ``d_model`` choices on either side), as trials
+    of their own that train through the rungs: the front of these spaces is mostly a choice of
+    width (and bitwidth), and a seeded search whose sampler drew no width next to a front
+    architecture left a front of one architecture. Off by default until the main job measures it."""
     stage_deadline_factor: float = 10.0
     """The export and score stages fail a trial past this many times their normal cost
     (``nas.search.deadline``)."""

@@ -811,7 +811,29 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
             others = []
         if on_front or others:
             _queue_other_bitwidths(trial, env, spec, others)
+    if cfg.front_neighbours and trained.weights_of is None and any(t.number == n for t in front):
+        _queue_width_neighbours(trial, env, spec)
     return [objectives[o] for o in cfg.objectives]
+
+
+def _queue_width_neighbours(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec) -> None:
+    """Queue the trial's parameters with ``d_model`` one choice of the space narrower and one
+    wider (``SearchConfig.front_neighbours``), each a trial that trains. A neighbour that breaks
+    a rule of the space is an invalid draw like any other (not counted); one tried already is
+    not queued again."""
+    dim = next((d for d in env.space.dimensions if d.name == "d_model"), None)
+    if dim is None or dim.kind != "choices" or "d_model" not in trial.params:
+        return
+    widths = sorted(int(c) for c in dim.choices)
+    if spec.d_model not in widths:
+        return
+    i = widths.index(spec.d_model)
+    near = [widths[j] for j in (i - 1, i + 1) if 0 <= j < len(widths)]
+    for w in near:
+        trial.study.enqueue_trial(trial.params | {"d_model": w}, skip_if_exists=True)
+    if near:
+        env.events.message(f"trial {trial.number} is on the front: its architecture at width "
+                           f"{' and '.join(f'd{w}' for w in near)} is queued (trained through the rungs)")
 
 
 def _infeasible(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: ArchSpec, stage: str, reason: str,

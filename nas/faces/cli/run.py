@@ -360,6 +360,10 @@ def search(
                                                          "on the bitwidth, so they skip training: each costs a "
                                                          "measurement and a score, and counts 0.1 of a trial). "
                                                          "Default: on with --rungs, off without.")] = None,
+    front_neighbours: Annotated[bool, typer.Option(help="When a trial lands on the front, queue its architecture "
+                                                   "one width step narrower and one wider (the space's d_model "
+                                                   "choices), trained through the rungs like any trial: fills "
+                                                   "the front along its main axis.")] = False,
     artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
     = Path("nas_artifacts"),
     require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
@@ -409,7 +413,8 @@ def search(
     cfg = SearchConfig(study=name, space=space, device=device, db_url=db_url(db), objectives=objective_names,
                        sampler=sampler, seed=seed, train=sp_train, data=data, max_bytes=max_bytes,
                        artifacts=artifacts, require_measured=require_measured, torch_device=torch_device,
-                       rungs=rungs, eta=eta, noise_seeds=noise_seeds, other_bitwidths=other_bitwidths)
+                       rungs=rungs, eta=eta, noise_seeds=noise_seeds, other_bitwidths=other_bitwidths,
+                       front_neighbours=front_neighbours)
     stop = _stop_on_signals()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, transient=False) as progress:
