@@ -300,3 +300,40 @@ def test_a_training_is_ranked_at_a_rung_with_its_twins_and_predicted_bitwidths(t
         assert families[2][3][1] < families[2][0][1]  # B's int4 point is faster than B as drawn
     finally:
         s.close()
+
+
+def test_a_front_trial_queues_its_architecture_one_step_narrower_and_one_shallower_which_train(config):
+    # Without rungs every trial is trained to its top budget: the first one, alone, is on the
+    # front and queues its two cheaper neighbours, each an architecture of its own that trains.
+    import dataclasses
+
+    s = Search(dataclasses.replace(config, front_neighbours=True))
+    try:
+        s.study.enqueue_trial({"d_model": 64, "n_layers": 4, "attention": "gqa"})  # the tiny space's widest, deepest
+        s.run(n_trials=1)
+        (first,) = [t for t in s.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        queued = [t.system_attrs["fixed_params"] for t in _waiting(s)]
+        assert sorted(queued, key=lambda p: p["d_model"]) == [first.params | {"d_model": 48},
+                                                               first.params | {"n_layers": 2}]
+        s.run(n_trials=2)
+        rows = {t.number: t for t in s.store.trials(study="policy", states=["complete"])}
+        trained = [t for t in s.study.trials if t.number in rows and t.number != first.number
+                   and t.params in (first.params | {"d_model": 48}, first.params | {"n_layers": 2})]
+        assert len(trained) == 2 and all("weights_of" not in rows[t.number].train for t in trained)
+        # an architecture is queued once at most, whichever bitwidth asked for it
+        params = [t.system_attrs.get("fixed_params", t.params) for t in s.study.trials]
+        archs = [tuple(sorted((k, v) for k, v in p.items() if k != "bitwidth")) for p in params]
+        assert len(archs) == len(set(archs))
+    finally:
+        s.close()
+
+
+def test_one_step_down_is_the_next_smaller_choice_or_the_range_step_below():
+    from nas.spec.space import Dimension
+
+    widths = Dimension(name="d_model", kind="choices", choices=(256, 192, 512))
+    assert trial_module.one_step_down(widths, 512) == 256 and trial_module.one_step_down(widths, 192) is None
+    depth = Dimension(name="n_layers", kind="int", low=4, high=16, step=2)
+    assert trial_module.one_step_down(depth, 8) == 6 and trial_module.one_step_down(depth, 4) is None
+    kinds = Dimension(name="ffn", kind="choices", choices=("gated", "plain"))
+    assert trial_module.one_step_down(kinds, "plain") is None  # no order among kinds

@@ -6,6 +6,7 @@ that pytest-xdist runs it beside tests/test_search.py, not after it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,12 @@ def test_rungs_score_every_trial_at_the_first_rung_and_only_the_best_go_on(env, 
         assert row.train["tokens"] == next(c.train["tokens"] for c in complete if c.number == parent)
         assert f"on trial {parent}'s weights" in r.stdout
     assert "is on the front: its architecture at" in r.stdout
+    # cheaper neighbours (on by default with rungs) come only from trials trained past the first
+    # rung: the first trial was on the front at rung 1 and queued none
+    said = r"trial (\d+) is on the front: its architecture at (?:d_model|n_layers)"
+    neighbours_of = [int(m) for m in re.findall(said, r.stdout)]
+    assert first not in neighbours_of
+    assert all((reached[n] if n in reached else reused[n].train["rung"]) >= 1 for n in neighbours_of)
     assert sum(shares) >= 1 - 1e-9 and sum(shares[:-1]) < 1  # it ran until 1 trial's worth, not one more
     assert len(counted) > 3  # trials stopped early cost less than one each: more of them ran
     # stdout is not a terminal here: a progress line after every counted trial, for a log file
@@ -152,27 +159,3 @@ def test_a_trial_killed_between_rungs_resumes_from_its_last_finished_rung(env, f
         assert retry.state == "complete"
     assert after[: len(before)] == before  # the finished rungs were kept, not trained again
     assert not list(checkpoints.glob("*"))  # a finished trial leaves no checkpoint behind
-
-
-def test_a_front_trial_queues_its_width_neighbours_that_train(env, fast, tmp_path):
-    db = f"sqlite:///{tmp_path / 'nas.db'}"
-    r = nas(["search", *fast[:2], *RUNGS, "--tokens", "18432", "--device", "host", "--trials", "1",
-             "--front-neighbours", "--db", db], env, tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "is queued (trained through the rungs)" in r.stdout
-    ostudy = optuna.load_study(study_name="tiny-host", storage=db)
-    with Store(db) as store:
-        rows = {t.number: t for t in store.trials(study="tiny-host")}
-    # the study's first complete trial is on the front when it finishes (nothing to beat it)
-    first = ostudy.trials[min(n for n, t in rows.items() if t.state == "complete")]
-    widths = [32, 48, 64]  # the fused tiny space's d_model choices
-    near = {w for w in widths if abs(widths.index(w) - widths.index(first.params["d_model"])) == 1}
-    neighbours = [t for t in ostudy.trials if t.params and t.params == first.params | {"d_model": t.params["d_model"]}
-                  and t.params["d_model"] in near]
-    assert near and {t.params["d_model"] for t in neighbours} == near, [t.params for t in ostudy.trials]
-    # a neighbour is another architecture: it trains (no weights_of), through the rungs
-    for t in neighbours:
-        row = rows[t.number]
-        assert row.state in ("complete", "infeasible", "running"), row.state
-        if row.state == "complete":
-            assert "weights_of" not in row.train and row.train["rung"] >= 0

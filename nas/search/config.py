@@ -59,12 +59,14 @@ class SearchConfig:
     the front gets the bitwidths at which it would be on it: its BPB with that bitwidth's
     predicted figures dominated by no trial at its rung (``nas.search.trial.predicted_twin``).
     None: on with rungs (a search of many cheap trials), off without (one trial per draw, as ever)."""
-    front_neighbours: bool = False
-    """When a trial that trained its own weights lands on the front, queue its architecture one
-    width step narrower and one wider (the space's ``d_model`` choices on either side), as trials
-    of their own that train through the rungs: the front of these spaces is mostly a choice of
-    width (and bitwidth), and a seeded search whose sampler drew no width next to a front
-    architecture left a front of one architecture. Off by default until the main job measures it."""
+    front_neighbours: bool | None = None
+    """When a trial trained past the first rung lands on the front, queue its architecture one
+    step cheaper along width and along depth (the space's ``d_model`` choice below, its
+    ``n_layers`` step below), as trials of their own that train through the rungs. Cheaper to
+    train and faster to run than the trial they come from, they fill the front's fast end, which
+    the sampler may never draw: a seeded search whose 4-layer draws were all wide left a front of
+    one architecture. A neighbour that lands on the front queues its own, so the search walks down
+    the front until a step falls off it. None: on with rungs, off without."""
     stage_deadline_factor: float = 10.0
     """The export and score stages fail a trial past this many times their normal cost
     (``nas.search.deadline``)."""
@@ -80,6 +82,11 @@ def noise_seeds(cfg: SearchConfig) -> int:
 def other_bitwidths(cfg: SearchConfig) -> bool:
     """Whether front trials' other bitwidths are queued (``SearchConfig.other_bitwidths``)."""
     return cfg.other_bitwidths if cfg.other_bitwidths is not None else cfg.rungs > 1
+
+
+def front_neighbours(cfg: SearchConfig) -> bool:
+    """Whether front trials' cheaper neighbours are queued (``SearchConfig.front_neighbours``)."""
+    return cfg.front_neighbours if cfg.front_neighbours is not None else cfg.rungs > 1
 
 
 class SearchEvents:

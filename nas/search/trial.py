@@ -33,14 +33,14 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 
-from nas.search.config import SearchConfig, SearchEvents, other_bitwidths
+from nas.search.config import SearchConfig, SearchEvents, front_neighbours, other_bitwidths
 from nas.search.deadline import deadline, stage_deadline_s
 from nas.search.pipeline import Host, host_setup, measure_deployed
 from nas.search.rungs import RungPlan
@@ -57,7 +57,7 @@ from nas.spec.profile import (
 )
 from nas.spec.results import ESTIMATED_MODEL, MEASURED_LOCAL, Measurement, beats_bigram, is_estimated, measured_on
 from nas.spec.settings import TrainConfig
-from nas.spec.space import InvalidSample, SearchSpace
+from nas.spec.space import Dimension, InvalidSample, SearchSpace
 from nas.store import Store, TrialRow
 
 if TYPE_CHECKING:
@@ -802,8 +802,8 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
     baselines = env.resources.baselines(spec.vocab_size)
     flag = "" if beats_bigram(bpb.bpb, baselines) else f" [not below its bigram baseline {baselines['bigram_bpb']:.3f}]"
     env.events.trial_finished(n, "complete", f"BPB {bpb.bpb:.3f}{at}{flag}, decode {m.decode_ms:.3f} ms ({m.label})")
+    on_front = any(t.number == n for t in front)
     if other_bitwidths(cfg) and trained.weights_of is None and "bitwidth" in trial.params:
-        on_front = any(t.number == n for t in front)
         try:
             others = None if on_front else _promising_bitwidths(env, spec, m, n, trained.rung, bpb.bpb)
         except Exception as e:  # the trial is complete and stored: a failed guess must not undo it
@@ -811,29 +811,61 @@ def _complete(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: Arc
             others = []
         if on_front or others:
             _queue_other_bitwidths(trial, env, spec, others)
-    if cfg.front_neighbours and trained.weights_of is None and any(t.number == n for t in front):
-        _queue_width_neighbours(trial, env, spec)
+    if front_neighbours(cfg) and on_front and trained.rung >= min(1, len(trained.rung_tokens) - 1):
+        _queue_cheaper_neighbours(trial, env)
     return [objectives[o] for o in cfg.objectives]
 
 
-def _queue_width_neighbours(trial: optuna.Trial, env: TrialEnv, spec: ArchSpec) -> None:
-    """Queue the trial's parameters with ``d_model`` one choice of the space narrower and one
-    wider (``SearchConfig.front_neighbours``), each a trial that trains. A neighbour that breaks
-    a rule of the space is an invalid draw like any other (not counted); one tried already is
-    not queued again."""
-    dim = next((d for d in env.space.dimensions if d.name == "d_model"), None)
-    if dim is None or dim.kind != "choices" or "d_model" not in trial.params:
-        return
-    widths = sorted(int(c) for c in dim.choices)
-    if spec.d_model not in widths:
-        return
-    i = widths.index(spec.d_model)
-    near = [widths[j] for j in (i - 1, i + 1) if 0 <= j < len(widths)]
-    for w in near:
-        trial.study.enqueue_trial(trial.params | {"d_model": w}, skip_if_exists=True)
-    if near:
-        env.events.message(f"trial {trial.number} is on the front: its architecture at width "
-                           f"{' and '.join(f'd{w}' for w in near)} is queued (trained through the rungs)")
+NEIGHBOUR_AXES = ("d_model", "n_layers")
+"""The dimensions along which a front trial's cheaper neighbours are taken, one step down each
+(``_queue_cheaper_neighbours``): width and depth, which set a decoder's training cost and its
+latency alike."""
+
+
+def one_step_down(dim: Dimension, value: Any) -> Any | None:
+    """The value of a searched dimension one step below ``value`` (the next smaller of numeric
+    choices, or ``value - step`` within the range), or None at the bottom or where the
+    dimension's values have no order."""
+    if dim.kind == "choices":
+        numbers = [c for c in dim.choices if isinstance(c, int | float) and not isinstance(c, bool)]
+        if len(numbers) != len(dim.choices) or value not in numbers:
+            return None  # choices without an order (kinds, flags)
+        smaller = [c for c in numbers if c < value]
+        return max(smaller) if smaller else None
+    if dim.kind == "int":
+        down = value - int(dim.step or 1)
+        return down if down >= dim.low else None
+    return None
+
+
+def _queue_cheaper_neighbours(trial: optuna.Trial, env: TrialEnv) -> None:
+    """Queue the trial's parameters one step down in width and, apart, one step down in depth
+    (``SearchConfig.front_neighbours``), each a trial that trains through the rungs. An
+    architecture queued or tried already at any bitwidth is not queued again (its weights, or
+    the trial training them, stand for it); a neighbour that breaks a rule of the space is an
+    invalid draw like any other (not counted)."""
+    dims = {d.name: d for d in env.space.dimensions}
+    tried = [_without_bitwidth(t.system_attrs.get("fixed_params", t.params))
+             for t in trial.study.get_trials(deepcopy=False)]
+    queued = []
+    for axis in NEIGHBOUR_AXES:
+        if axis not in dims or axis not in trial.params:
+            continue
+        down = one_step_down(dims[axis], trial.params[axis])
+        if down is None:
+            continue
+        params = trial.params | {axis: down}
+        if _without_bitwidth(params) in tried:
+            continue
+        trial.study.enqueue_trial(params)
+        queued.append(f"{axis} {down}")
+    if queued:
+        env.events.message(f"trial {trial.number} is on the front: its architecture at {' and, apart, '.join(queued)} "
+                           f"is queued (cheaper to train and to run; trained through the rungs)")
+
+
+def _without_bitwidth(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "bitwidth"}
 
 
 def _infeasible(trial: optuna.Trial, env: TrialEnv, record: TrialRecord, spec: ArchSpec, stage: str, reason: str,

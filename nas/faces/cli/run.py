@@ -360,10 +360,12 @@ def search(
                                                          "on the bitwidth, so they skip training: each costs a "
                                                          "measurement and a score, and counts 0.1 of a trial). "
                                                          "Default: on with --rungs, off without.")] = None,
-    front_neighbours: Annotated[bool, typer.Option(help="When a trial lands on the front, queue its architecture "
-                                                   "one width step narrower and one wider (the space's d_model "
-                                                   "choices), trained through the rungs like any trial: fills "
-                                                   "the front along its main axis.")] = False,
+    front_neighbours: Annotated[bool | None, typer.Option(help="When a trial trained past the first rung lands on "
+                                                          "the front, queue its architecture one d_model choice "
+                                                          "narrower and, apart, one n_layers step shallower: cheaper "
+                                                          "to train and faster, trained through the rungs, they fill "
+                                                          "the front's fast end. Default: on with --rungs, off "
+                                                          "without.")] = None,
     artifacts: Annotated[Path, typer.Option(help="Where trained weights and ONNX files of each trial go.")]
     = Path("nas_artifacts"),
     require_measured: Annotated[bool, typer.Option(help="Refuse estimates: fail unless the device itself "
