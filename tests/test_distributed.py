@@ -145,6 +145,22 @@ def test_two_workers_measure_on_the_device_node(env, fast, cluster, tmp_path):
     # The same study resumes locally: a Ray run and a local run share it.
     r = nas(["search", *fast, "--device", str(profile), "--trials", "1", "--db", db], env, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    # Its front measured again on the device node: a new row labelled with the node, the trials'
+    # own figures untouched.
+    with Store(db) as store:
+        before = {t.number: t.measurement_id for t in store.pareto(study="tiny-standin")}
+        known = {m.id for m in store.measurements()}
+    r = nas(["remeasure", "tiny-standin", "--db", db, "--top", "1", "--ray-address", cluster], env, tmp_path)
+    assert r.returncode == 2 and "give its YAML file with --device PATH" in r.stderr, r.stderr  # not shipped
+    r = nas(["remeasure", "tiny-standin", "--device", str(profile), "--db", db, "--top", "1", "--ray-address",
+             cluster], env, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert f"Ray node {DEVICE_NODE}" in r.stdout and "Remeasured" in r.stdout
+    with Store(db) as store:
+        (new,) = [m for m in store.measurements() if m.id not in known]
+        assert {t.number: t.measurement_id for t in store.pareto(study="tiny-standin")} == before
+    assert new.ok and new.label == f"measured:{DEVICE_NODE}" and new.provenance["ray_node_name"] == DEVICE_NODE
+    assert new.provenance["remeasure_of"]["trial"] in before
 
 
 def test_calibrating_through_the_device_node_stores_points_labelled_with_it(env, cluster, tmp_path):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nas.spec.errors import NasError
-from nas.spec.profile import HardwareProfile, load_profile
+from nas.spec.profile import HardwareProfile, list_profile_files, load_profile
 
 if TYPE_CHECKING:
     from nas.spec.results import Measurement
@@ -76,6 +76,9 @@ def _figure(row: MeasurementRow, key: str) -> float | None:
 
 def study_profile(study: StudyRow, device: str | None) -> HardwareProfile:
     """The study's profile: by its name, or ``device`` (a name or YAML path) of the same name."""
+    if device is None and study.profile not in list_profile_files():  # searched with --device FILE.yaml
+        raise NasError(f"study {study.name!r} is on profile {study.profile!r}, which is not one of the "
+                       f"shipped profiles: give its YAML file with --device PATH")
     profile = load_profile(device or study.profile)
     if profile.name != study.profile:
         raise NasError(f"--device {device}: profile {profile.name!r}, but study {study.name!r} is on {study.profile!r}")
