@@ -162,3 +162,17 @@ def test_brief_schedule_trains_each_shape_at_each_batch_and_rate(tmp_path: Path)
         assert r["steps"] == math.ceil(doc["settings"]["tokens"] / (batch * 256)) and math.isfinite(r["bpb"])
     again = run_bench("brief_schedule", tmp_path)  # the same settings again: nothing left to train
     assert again["runs"] == doc["runs"]
+
+
+def test_main_job_runs_the_search_and_counts_its_front_by_the_budget_each_point_had(tmp_path: Path) -> None:
+    doc = run_bench("main_job", tmp_path, "--work", str(tmp_path / "work"))
+    (run,) = doc["runs"]
+    assert run["command"].startswith("nas search --space tiny --device host --rungs 3 --time 20s --seed 0")
+    assert run["wall_s"] > 0 and run["peak_rss_mb"] > 50 and run["failed"] == 0
+    assert run["complete"] == run["trainings"] + run["twins"] and run["trainings"] >= 1
+    # the front as the search printed it, and as many points as the budgets it counts
+    log = Path(run["log"]).read_text()
+    assert f"Pareto front of {run['study']}: {run['front']} of" in log
+    assert run["front"] == len(run["front_points"]) == sum(run["front_by_tokens"].values()) >= 1
+    assert all(p["tokens"] <= 8192 and p["val_bpb"] > 0 for p in run["front_points"])
+    assert doc["front"]["median"] == run["front"]
