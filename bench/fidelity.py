@@ -157,14 +157,16 @@ def main() -> None:
         write_json(a.out, doc)
 
     base = space.training
-    # every arch's first seed under every rule, then the reference, then the other seeds: a run cut
-    # short still ranks whole architectures
-    for seeds in ([a.seeds[0]], a.seeds[1:]):
+    # First pass: every arch's first seed under the first rule (the search's default) and its
+    # reference, which is the tau a user acts on; then the other rules' first seed; then the other
+    # seeds. A run cut short still ranks whole architectures under the default rule.
+    first, others = a.rules[:1], a.rules[1:]
+    for rules, seeds in ((first, [a.seeds[0]]), (others, [a.seeds[0]]), (a.rules, a.seeds[1:])):
         for spec, entry in zip(specs, doc["archs"], strict=True):
             if spec.vocab_size not in tokenized:
                 tokenized[spec.vocab_size] = tokenize_corpus(corpus, spec.vocab_size)
             tc = tokenized[spec.vocab_size]
-            for rule in a.rules:
+            for rule in rules:
                 for seed in seeds:
                     if str(seed) in entry["runs"].get(rule, {}):
                         continue
@@ -174,7 +176,7 @@ def main() -> None:
                     print(f"{spec.summary():60s} {rule:8s} seed {seed}: BPB "
                           + " ".join(f"{b:.3f}" for b in r["bpb"]) + f"  ({r['seconds']:.0f} s)", flush=True)
                     save()
-            if entry["reference"] is None and seeds == [a.seeds[0]]:
+            if entry["reference"] is None and rules == first:
                 cfg = base.updated(tokens=math.ceil(a.top_tokens * a.ref_factor), seed=a.seeds[0], lr_rule=a.rules[0])
                 entry["reference"] = run_reference(spec, tc, cfg, a.device) | {"rule": a.rules[0]}
                 print(f"{spec.summary():60s} reference {cfg.tokens:,} tokens: BPB {entry['reference']['bpb']:.3f}",
