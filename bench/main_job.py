@@ -26,7 +26,6 @@ from typing import Any
 
 from _common import machine, spread, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 DONE = re.compile(r"done: (\d+) complete, (\d+) infeasible, (\d+) failed \(([\d.]+) trials' worth of training\)")
 
 
@@ -42,19 +41,18 @@ def run_one(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    text = log.read_text()
-    if proc.returncode != 0:
-        sys.exit(f"seed {seed}: the search exited {proc.returncode}; its output is in {log}")
-    done = DONE.search(text)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"seed {seed}: the search exited {code}; its output is in {log}")
+    done = DONE.search(log.read_text())
     if done is None:
         sys.exit(f"seed {seed}: no closing 'done:' line in {log}")
     return {"seed": seed, "command": " ".join(["nas", *cmd[3:]]), "wall_s": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "complete": int(done[1]), "infeasible": int(done[2]),
-            "failed": int(done[3]), "trials_worth": float(done[4]), **from_store(db, folder)}
+            "failed": int(done[3]), "trials_worth": float(done[4]), **from_store(db, log)}
 
 
-def from_store(db: str, folder: Path) -> dict[str, Any]:
+def from_store(db: str, log: Path) -> dict[str, Any]:
     """What the run's study holds: trainings and twins, who reached the top rung, the front."""
     from nas.store import Store
 
@@ -75,7 +73,7 @@ def from_store(db: str, folder: Path) -> dict[str, Any]:
     return {"study": study.name, "trainings": len(trained), "twins": len(twins),
             "trainings_to_top_rung": sum(1 for t in trained if t.train.get("rung", 0) == top),
             "front": len(points), "front_by_tokens": {str(k): by_tokens[k] for k in sorted(by_tokens, reverse=True)},
-            "front_points": points, "log": str(folder / "search.log")}
+            "front_points": points, "log": str(log)}
 
 
 def main() -> None:
