@@ -93,7 +93,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget-s", type=float, default=220.0, help="wall-clock budget of each run, seconds")
     ap.add_argument("--tokens", type=int, default=None, help="training budget per trial (default: the space's)")
-    ap.add_argument("--max-bytes", type=int, default=1_000_000, help="corpus size (embedded stdlib corpus)")
+    ap.add_argument("--max-bytes", type=lambda s: None if s == "all" else int(s), default=1_000_000,
+                    help="corpus size in bytes (embedded stdlib corpus), or 'all' for the whole corpus as "
+                         "nas search reads it by default")
     ap.add_argument("--set", dest="overrides", action="append", default=None, metavar="BUDGET=VALUE",
                     help=f"override a profile budget (default: {' '.join(DEFAULT_SET)}; --set none for none)")
     ap.add_argument("--work", type=Path, default=None,
